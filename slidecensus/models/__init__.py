@@ -1,0 +1,1 @@
+"""torch models: InfoGAN with a WGAN-GP loss, training, batched inference, metrics."""
