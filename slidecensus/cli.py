@@ -20,7 +20,7 @@ def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxH such as 4096x4096, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected WxH such as 4096x4096, got {text!r}") from None
     if w < 1 or h < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return w, h
