@@ -56,6 +56,44 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine.pipeline import CensusParams, run_cohort
+
+    params = CensusParams(tile_size=args.tile_size, region_um=args.region_um)
+    model = args.model
+    if model is None and not args.no_classify:
+        # the contract: `run` without --model trains on the cohort first (resumable)
+        from .engine.pipeline import train_from_cohort
+        from .models import TrainConfig
+
+        model = Path(args.out) / "model.pt"
+        if not model.exists():
+            train_from_cohort(args.cohort, model, config=TrainConfig(k=args.k),
+                              cluster=args.cluster, params=params)
+    table = run_cohort(args.cohort, args.out, model=model, cluster=args.cluster,
+                       params=params, slides_in_flight=args.slides_in_flight)
+    failed = int((table["status"] != "ok").sum())
+    print(f"{len(table) - failed} slides ok, {failed} failed -> {args.out}")
+    return 1 if failed else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine.pipeline import train_from_cohort
+    from .models import TrainConfig
+
+    kw = {"k": args.k, "seed": args.seed, "width": args.width}
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    if args.iterations is not None:
+        kw["iterations"] = args.iterations
+    path = train_from_cohort(args.cohort, args.out, config=TrainConfig(**kw),
+                             cluster=args.cluster, seed=args.seed,
+                             tiles_per_slide=args.tiles_per_slide,
+                             cells_per_slide=args.cells_per_slide)
+    print(f"model written: {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -99,6 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="cells table (.parquet)")
     s.add_argument("--mpp", type=float, default=None, help="µm/px for files without it")
     s.set_defaults(func=_cmd_segment)
+
+    s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")
+    s.add_argument("cohort", help="CSV with a path column, a folder, or a quoted glob")
+    s.add_argument("--out", type=Path, required=True, help="checkpoint file (.pt)")
+    s.add_argument("--k", type=int, default=5, help="cell clusters (categorical code values)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--width", type=int, default=128, help="channels of the residual blocks")
+    s.add_argument("--epochs", type=float, default=None, help="default 10, as in the paper")
+    s.add_argument("--iterations", type=int, default=None, help="overrides --epochs")
+    s.add_argument("--tiles-per-slide", type=int, default=8)
+    s.add_argument("--cells-per-slide", type=int, default=2000)
+    s.add_argument("--cluster", default="local")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("run", help="the census: segment, classify and map every cell")
+    s.add_argument("cohort", help="CSV with a path column, a folder, or a quoted glob")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--model", type=Path, default=None, help="trained checkpoint (.pt)")
+    s.add_argument("--cluster", default="local",
+                   help="local, local:N, tcp://host:port (kubernetes: planned)")
+    s.add_argument("--tile-size", type=int, default=2048, help="tile core in level-0 px")
+    s.add_argument("--region-um", type=float, default=256.0, help="map region edge in µm")
+    s.add_argument("--slides-in-flight", type=int, default=2)
+    s.add_argument("--k", type=int, default=5, help="clusters when training (no --model)")
+    s.add_argument("--no-classify", action="store_true",
+                   help="count and map cells without a model (no training)")
+    s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="generate a demo cohort and run the census on it")
     s.add_argument("out", type=Path, nargs="?", default=Path("demo"))

@@ -33,6 +33,10 @@ class TissueMask:
     mask: np.ndarray
     downsample: float
 
+    def __iter__(self):
+        """Unpack as ``mask, downsample = tissue_mask(slide)``."""
+        return iter((self.mask, self.downsample))
+
     @property
     def fraction(self) -> float:
         """Fraction of the slide area covered by tissue."""

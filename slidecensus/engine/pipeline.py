@@ -1,0 +1,554 @@
+"""The cohort census as a Dask graph, assembled from the pure per-tile functions.
+
+Per slide: ``plan_slide`` (tissue mask, stain model once, tile grid) → one
+``segment_tile_task`` per tile on CPU workers (tasks carry a path, a window and the stain
+model, never pixels) → ``classify_task`` batching the crops of several tiles through Q on
+a worker with the ``GPU`` resource when there is one → ``finish_slide`` writing the cell
+table and returning the region counts. The client streams slides through the cluster with
+a bounded number in flight, writes each slide's maps into ``census.zarr`` and commits the
+slide in a manifest last, so a rerun skips complete slides and redoes the rest.
+
+Training (``train_from_cohort``): a seeded sample of tiles per slide is segmented, a
+capped, seeded sample of their crops is gathered to one (GPU) worker, which trains the
+InfoGAN and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InvalidInputError, SlidecensusError
+from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask
+from .cohort import read_cohort, safe_name
+from .segment import (
+    CELL_COLUMNS,
+    DEFAULT_MPP,
+    SegmentParams,
+    _segment,
+    _stain_sample,
+    empty_cell_table,
+)
+from .stain import StainModel, estimate_stain_model
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CensusParams:
+    """Everything that changes the census' numbers (hashed into the manifest)."""
+
+    tile_size: int = 2048
+    region_um: float = 256.0
+    crop_size: int = 32
+    masked_crops: bool = True
+    min_tissue: float = 0.0
+    segment: SegmentParams = field(default_factory=SegmentParams)
+
+    def digest(self) -> str:
+        """Stable hash of the parameters."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """What the client needs to schedule one slide: small, no pixels."""
+
+    path: str
+    mpp: float
+    mpp_known: bool
+    shape: tuple[int, int]
+    tiles: tuple[Tile, ...]
+    stain: StainModel
+    tissue: TissueMask
+
+
+# ------------------------------------------------------------------ worker tasks
+
+
+def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
+    """Open a slide on a worker, find tissue, estimate the stain model once, plan tiles."""
+    slide = cached_slide(path, mpp=mpp)
+    slide_mpp = slide.mpp if slide.mpp is not None else DEFAULT_MPP
+    mask = tissue_mask(slide, max_size=1024)
+    sample, smask = _stain_sample(slide)
+    stain = estimate_stain_model(sample, mask=smask)
+    halo = params.segment.for_mpp(slide_mpp).halo_px
+    tiles = plan_tiles(slide, tile_size=params.tile_size, halo=halo, level=0, mask=mask,
+                       min_tissue=params.min_tissue)
+    return SlidePlan(path, slide_mpp, slide.mpp is not None, slide.shape, tuple(tiles), stain,
+                     mask)
+
+
+def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
+                      stain: StainModel, params: CensusParams) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read one tile with its halo and segment it; returns (cells in level-0 px, crops)."""
+    from .crops import extract_crops
+
+    slide = cached_slide(path, mpp=mpp)
+    rgb = slide.read_region(tile.level, tile.rx, tile.ry, tile.rw, tile.rh)
+    labels, table = _segment(rgb, stain, params.segment, plan_mpp, tile.core_in_read)
+    crops = extract_crops(rgb, labels, table, size=params.crop_size,
+                          masked=params.masked_crops)
+    if len(table):
+        for c in ("x_px", "bbox_x0", "bbox_x1"):
+            table[c] += tile.rx
+        for c in ("y_px", "bbox_y0", "bbox_y1"):
+            table[c] += tile.ry
+        table["x_um"] = table["x_px"] * plan_mpp
+        table["y_um"] = table["y_px"] * plan_mpp
+    return table, crops
+
+
+def classify_task(model_path: str | None, *tiles: tuple[pd.DataFrame, np.ndarray]
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Push the crops of several tiles through Q in large batches (model loaded once)."""
+    if model_path is None:
+        return [(np.full(len(t), -1, np.int64), np.zeros((len(t), 0), np.float32))
+                for t, _ in tiles]
+    from ..models import load_model, predict
+
+    model = load_model(model_path)
+    crops = [c for _, c in tiles]
+    sizes = [len(c) for c in crops]
+    allc = np.concatenate(crops) if sum(sizes) else np.zeros((0, 32, 32, 3), np.uint8)
+    clusters, probs = predict(model, allc)
+    out, i = [], 0
+    for n in sizes:
+        out.append((clusters[i : i + n], probs[i : i + n]))
+        i += n
+    return out
+
+
+def region_grid(shape: tuple[int, int], mpp: float, region_um: float) -> tuple[int, int, float]:
+    """(rows, cols, region edge in level-0 px) of the census grid."""
+    edge = region_um / mpp
+    return max(1, math.ceil(shape[0] / edge)), max(1, math.ceil(shape[1] / edge)), edge
+
+
+def region_counts(x_px: np.ndarray, y_px: np.ndarray, clusters: np.ndarray, k: int,
+                  grid: tuple[int, int, float]) -> np.ndarray:
+    """Counts per region and cluster, int64 (rows, cols, k); unclassified (-1) are dropped
+    from the cluster counts (they still count in ``cells``)."""
+    rows, cols, edge = grid
+    iy = np.clip((np.asarray(y_px) // edge).astype(np.int64), 0, rows - 1)
+    ix = np.clip((np.asarray(x_px) // edge).astype(np.int64), 0, cols - 1)
+    c = np.asarray(clusters, np.int64)
+    ok = c >= 0
+    flat = (iy[ok] * cols + ix[ok]) * k + c[ok]
+    return np.bincount(flat, minlength=rows * cols * k).reshape(rows, cols, k)
+
+
+def finish_slide(slide_id: str, out_dir: str, plan: SlidePlan, k: int,
+                 tiles: list[tuple[pd.DataFrame, np.ndarray]],
+                 classes: list[tuple[np.ndarray, np.ndarray]], params: CensusParams) -> dict:
+    """Assemble one slide on a worker: write its cell table, return its region maps."""
+    parts = []
+    for (table, _), (cl, pr) in zip(tiles, classes, strict=True):
+        if not len(table):
+            continue
+        t = table.copy()
+        t["cluster"] = cl.astype(np.int64)
+        for j in range(pr.shape[1] if pr.ndim == 2 else 0):
+            t[f"p_{j}"] = pr[:, j].astype(np.float32)
+        parts.append(t)
+    cells = pd.concat(parts, ignore_index=True) if parts else empty_cell_table().assign(
+        cluster=pd.Series([], dtype="int64"))
+    cells["cell_id"] = np.arange(len(cells), dtype=np.int64)
+    cells = cells.astype({**CELL_COLUMNS, "cluster": "int64"})
+    for j in range(k):
+        if f"p_{j}" not in cells:
+            cells[f"p_{j}"] = np.float32(np.nan)
+    cells.insert(0, "slide_id", slide_id)
+    path = Path(out_dir) / "cells" / f"{safe_name(slide_id)}.parquet"
+    write_parquet_atomic(cells, path)
+    grid = region_grid(plan.shape, plan.mpp, params.region_um)
+    counts = region_counts(cells["x_px"].to_numpy(), cells["y_px"].to_numpy(),
+                           cells["cluster"].to_numpy(), k, grid)
+    total = region_counts(cells["x_px"].to_numpy(), cells["y_px"].to_numpy(),
+                          np.zeros(len(cells), np.int64), 1, grid)[..., 0]
+    from ..tiling.grid import core_fractions
+
+    rows, cols, edge = grid
+    windows = [(int(c * edge), int(r * edge), int(math.ceil(edge)), int(math.ceil(edge)))
+               for r in range(rows) for c in range(cols)]
+    tissue = core_fractions(plan.tissue.mask, plan.tissue.downsample, windows, 1.0,
+                            dilate=0).reshape(rows, cols)
+    per_cluster = counts.sum(axis=(0, 1))
+    return {"n_cells": len(cells), "n_classified": int(per_cluster.sum()),
+            "per_cluster": per_cluster.tolist(), "counts": counts, "cells": total,
+            "tissue": tissue.astype(np.float32), "region_px": edge}
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def write_parquet_atomic(table: pd.DataFrame, path: Path) -> None:
+    """Write Parquet under a temporary name, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def write_census_group(store: Path, slide_id: str, res: dict, plan: SlidePlan, k: int,
+                       region_um: float) -> None:
+    """Write one slide's proportion maps as a Zarr v3 group of ``census.zarr``."""
+    import xarray as xr
+
+    rows, cols = res["cells"].shape
+    y = (np.arange(rows) + 0.5) * region_um
+    x = (np.arange(cols) + 0.5) * region_um
+    counts = res["counts"]
+    classified = counts.sum(axis=2, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prop = np.where(classified > 0, counts / np.maximum(classified, 1), np.nan)
+    ds = xr.Dataset(
+        {
+            "counts": (("y", "x", "cluster"), counts.astype(np.int32)),
+            "proportion": (("y", "x", "cluster"), prop.astype(np.float32)),
+            "cells": (("y", "x"), res["cells"].astype(np.int32)),
+            "tissue": (("y", "x"), res["tissue"]),
+        },
+        coords={"y": ("y", y, {"units": "µm"}), "x": ("x", x, {"units": "µm"}),
+                "cluster": ("cluster", np.arange(k))},
+        attrs={"slide_id": slide_id, "path": plan.path, "mpp": plan.mpp,
+               "region_um": region_um, "shape_px": list(plan.shape)},
+    )
+    ds.to_zarr(store, group=safe_name(slide_id), mode="w", zarr_format=3, consolidated=False)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SlidecensusError):
+        msg = str(exc)
+    else:
+        msg = f"{type(exc).__name__}: {exc}"
+    return " ".join(msg.split())[:500]
+
+
+def _model_digest(model: str | None) -> str:
+    if model is None:
+        return "none"
+    h = hashlib.sha256()
+    with open(model, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _model_k(model: str | None) -> int:
+    if model is None:
+        return 0
+    from ..models import load_model
+
+    return int(load_model(model).config.k)
+
+
+def _has_gpu_worker(client: Any) -> bool:
+    info = client.scheduler_info()["workers"]
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in info.values())
+
+
+def _schedule_slide(client: Any, row: pd.Series, out: Path, model: str | None, k: int,
+                    params: CensusParams, gpu: bool, batch_tiles: int) -> Any:
+    """Submit one slide's graph; returns (plan future, result future)."""
+    path, mpp = row["path"], row.get("mpp")
+    mpp = None if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)) else float(mpp)
+    plan = client.submit(plan_slide, path, mpp, params, pure=False,
+                         key=f"plan-{safe_name(row['slide_id'])}-{time.monotonic_ns()}")
+    plan_v = plan.result()
+    tiles = [client.submit(segment_tile_task, path, mpp, plan_v.mpp, t, plan_v.stain, params,
+                           pure=False) for t in plan_v.tiles]
+    res_kw = {"resources": {"GPU": 1}} if gpu and model is not None else {}
+    classes = []
+    for i in range(0, len(tiles), batch_tiles):
+        group = tiles[i : i + batch_tiles]
+        classes.append(client.submit(classify_task, model, *group, pure=False, **res_kw))
+    flat = client.submit(_flatten, *classes, pure=False)
+    result = client.submit(finish_slide, row["slide_id"], str(out), plan_v, max(k, 1),
+                           tiles, flat, params, pure=False)
+    return plan_v, result, len(plan_v.tiles)
+
+
+def _flatten(*groups: list) -> list:
+    return [x for g in groups for x in g]
+
+
+def run_cohort(
+    cohort: str | os.PathLike | pd.DataFrame,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    client: Any | None = None,
+    cluster: str = "local",
+    params: CensusParams | None = None,
+    slides_in_flight: int = 2,
+    batch_tiles: int = 8,
+) -> pd.DataFrame:
+    """Run the census over a cohort; returns the ``slides.csv`` table.
+
+    Parameters
+    ----------
+    cohort : CSV / folder / glob (see :func:`read_cohort`) or a table with ``slide_id, path``.
+    out : output folder: ``slides.csv``, ``census.zarr``, ``cells/<slide_id>.parquet``,
+        ``manifest.json`` and ``slides/<slide_id>.json`` (the per-slide commit records).
+    model : checkpoint of a trained model; without it cells are counted, not classified.
+    client : a ``distributed.Client``; else one is made from ``cluster``.
+    slides_in_flight : slides whose graphs are on the cluster at once (bounded graph size).
+    """
+    params = params or CensusParams()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
+    model = str(model) if model is not None else None
+    if model is not None and not Path(model).is_file():
+        raise InvalidInputError(f"model checkpoint {model} does not exist")
+    k = _model_k(model)
+    digest = {"params": params.digest(), "model": _model_digest(model),
+              "schema": SCHEMA_VERSION}
+    write_json_atomic({"params": asdict(params), "digest": digest, "model": model,
+                       "versions": _versions(), "cohort": str(cohort) if not isinstance(
+                           cohort, pd.DataFrame) else "<table>"}, out / "manifest.json")
+    if client is None:
+        from ..cluster import get_client
+
+        with get_client(cluster) as c:
+            return run_cohort(table, out, model=model, client=c, params=params,
+                              slides_in_flight=slides_in_flight, batch_tiles=batch_tiles)
+    gpu = _has_gpu_worker(client)
+    if model is not None:
+        log.info("classifying on %s", "the GPU worker(s)" if gpu else
+                 "CPU workers (no worker has a GPU resource)")
+    records: dict[str, dict] = {}
+    todo = []
+    for _, row in table.iterrows():
+        rec = _load_record(out, row["slide_id"])
+        if rec and rec.get("status") == "ok" and rec.get("digest") == digest:
+            records[row["slide_id"]] = rec
+        else:
+            todo.append(row)
+    log.info("%d slides: %d complete, %d to do", len(table), len(records), len(todo))
+    for row, rec in _stream(client, todo, out, model, k, params, gpu, batch_tiles,
+                            slides_in_flight, digest):
+        records[row["slide_id"]] = rec
+        _write_record(out, row["slide_id"], rec)
+        _write_slides_csv(out, table, records, k)
+        log.info("%s: %s, %s cells (%d/%d)", row["slide_id"], rec["status"],
+                 rec.get("n_cells", 0), len(records), len(table))
+    return _write_slides_csv(out, table, records, k)
+
+
+def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, digest
+            ) -> Iterator[tuple[pd.Series, dict]]:
+    """Keep at most ``in_flight`` slides on the cluster; yield each as it completes."""
+    from distributed import as_completed
+
+    pending: dict[Any, tuple[pd.Series, Any, float, int]] = {}
+    queue = list(todo)
+    ac = as_completed()
+
+    def submit_next() -> Iterator[tuple[pd.Series, dict]]:
+        while queue and len(pending) < in_flight:
+            row = queue.pop(0)
+            t0 = time.perf_counter()
+            try:
+                plan, fut, n_tiles = _schedule_slide(client, row, out, model, k, params, gpu,
+                                                     batch_tiles)
+            except Exception as exc:  # a bad slide fails alone, at planning
+                yield row, _failed(row, exc, digest, t0)
+                continue
+            pending[fut] = (row, plan, t0, n_tiles)
+            ac.add(fut)
+
+    yield from submit_next()
+    while pending:
+        fut = next(ac)
+        row, plan, t0, n_tiles = pending.pop(fut)
+        try:
+            res = fut.result()
+            zstore = out / "census.zarr"
+            write_census_group(zstore, row["slide_id"], res, plan, max(k, 1), params.region_um)
+            props = (np.asarray(res["per_cluster"], float) / res["n_classified"]
+                     if res["n_classified"] else np.full(max(k, 1), np.nan))
+            rec = {"status": "ok", "error": "", "n_cells": res["n_cells"],
+                   "n_classified": res["n_classified"], "tiles_planned": n_tiles,
+                   "tiles_done": n_tiles, "mpp": plan.mpp, "mpp_known": plan.mpp_known,
+                   "proportions": props.tolist() if k else [], "seconds":
+                       time.perf_counter() - t0, "digest": digest}
+        except Exception as exc:
+            rec = _failed(row, exc, digest, t0)
+        fut.release()
+        yield row, rec
+        yield from submit_next()
+
+
+def _failed(row: pd.Series, exc: BaseException, digest: dict, t0: float) -> dict:
+    log.debug("slide %s failed:\n%s", row["slide_id"], "".join(
+        traceback.format_exception(exc)))
+    return {"status": "failed", "error": _one_line(exc), "n_cells": 0, "seconds":
+            time.perf_counter() - t0, "digest": digest}
+
+
+def _record_path(out: Path, slide_id: str) -> Path:
+    return out / "slides" / f"{safe_name(slide_id)}.json"
+
+
+def _load_record(out: Path, slide_id: str) -> dict | None:
+    p = _record_path(out, slide_id)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(out: Path, slide_id: str, rec: dict) -> None:
+    write_json_atomic(rec, _record_path(out, slide_id))
+
+
+def _write_slides_csv(out: Path, table: pd.DataFrame, records: dict[str, dict],
+                      k: int) -> pd.DataFrame:
+    rows = []
+    for _, r in table.iterrows():
+        rec = records.get(r["slide_id"])
+        row = {"slide_id": r["slide_id"], "path": r["path"], "label": r.get("label", ""),
+               "status": rec["status"] if rec else "pending",
+               "error": rec.get("error", "") if rec else "",
+               "n_cells": rec.get("n_cells", 0) if rec else 0}
+        props = (rec or {}).get("proportions") or [np.nan] * k
+        for j in range(k):
+            row[f"p_{j}"] = props[j] if j < len(props) else np.nan
+        if rec:
+            row["tiles_planned"] = rec.get("tiles_planned", 0)
+            row["tiles_done"] = rec.get("tiles_done", 0)
+            row["seconds"] = round(rec.get("seconds", 0.0), 3)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    tmp = out / ".slides.csv.tmp"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out / "slides.csv")
+    return df
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("slidecensus", "numpy", "scipy", "scikit-image", "dask", "distributed",
+                "zarr", "tifffile", "torch"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------ training
+
+
+def sample_slide_crops(path: str, mpp: float | None, params: CensusParams, n_tiles: int,
+                       n_cells: int, seed: int) -> np.ndarray:
+    """A seeded sample of one slide's crops: ``n_tiles`` random tiles, at most ``n_cells``
+    crops from them (so a huge slide cannot dominate the training set)."""
+    plan = plan_slide(path, mpp, params)
+    rng = np.random.default_rng([seed, int(hashlib.sha256(path.encode()).hexdigest()[:8], 16)])
+    tiles = list(plan.tiles)
+    if len(tiles) > n_tiles:
+        tiles = [tiles[i] for i in sorted(rng.choice(len(tiles), n_tiles, replace=False))]
+    crops = [segment_tile_task(path, mpp, plan.mpp, t, plan.stain, params)[1] for t in tiles]
+    allc = np.concatenate(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    if len(allc) > n_cells:
+        allc = allc[np.sort(rng.choice(len(allc), n_cells, replace=False))]
+    return allc
+
+
+def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
+    from ..models import train_infogan
+
+    crops = np.concatenate([s for s in samples if len(s)])
+    if len(crops) < config.batch_size:
+        raise InvalidInputError(f"only {len(crops)} cells found in the cohort; training needs "
+                                f"at least one batch ({config.batch_size})")
+    return str(train_infogan(crops, config, model_out))
+
+
+def train_from_cohort(
+    cohort: str | os.PathLike | pd.DataFrame,
+    model_out: str | os.PathLike,
+    *,
+    config: Any | None = None,
+    client: Any | None = None,
+    cluster: str = "local",
+    params: CensusParams | None = None,
+    tiles_per_slide: int = 8,
+    cells_per_slide: int = 2000,
+    seed: int = 0,
+) -> Path:
+    """Gather a seeded sample of crops across the cohort and train the model on one worker
+    (the GPU worker when the cluster has one). Slides that fail to open are skipped with a
+    warning; training needs at least one batch of cells."""
+    from ..models import TrainConfig
+
+    params = params or CensusParams()
+    config = config or TrainConfig(seed=seed)
+    table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
+    if client is None:
+        from ..cluster import get_client
+
+        with get_client(cluster) as c:
+            return train_from_cohort(table, model_out, config=config, client=c, params=params,
+                                     tiles_per_slide=tiles_per_slide,
+                                     cells_per_slide=cells_per_slide, seed=seed)
+    samples = []
+    for _, row in table.iterrows():
+        samples.append(client.submit(sample_slide_crops, row["path"], None, params,
+                                     tiles_per_slide, cells_per_slide, seed, pure=False))
+    ok = []
+    for (_, row), fut in zip(table.iterrows(), samples, strict=True):
+        if fut.status == "error" or fut.exception(timeout=None) is not None:
+            log.warning("%s: skipped for training: %s", row["slide_id"],
+                        _one_line(fut.exception()))
+        else:
+            ok.append(fut)
+    res_kw = {"resources": {"GPU": 1}} if _has_gpu_worker(client) else {}
+    Path(model_out).parent.mkdir(parents=True, exist_ok=True)
+    done = client.submit(_train_task, str(Path(model_out).resolve()), config, *ok, pure=False,
+                         **res_kw)
+    return Path(done.result())
