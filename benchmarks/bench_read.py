@@ -22,9 +22,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.harness import peak_rss_mb, write_results  # noqa: E402
+from benchmarks.harness import vm_hwm_mb, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SLIDECENSUS_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -103,7 +103,7 @@ def throughput(path: Path) -> dict:
         sec, px = best(fn, *args)
         out[name] = {"seconds": sec, "megapixels": px / 1e6, "mp_per_s": _rate(px, sec)}
     raw = out["raw_imagecodecs"]["mp_per_s"]
-    for k, v in out.items():
+    for _k, v in out.items():
         v["ratio_to_raw"] = v["mp_per_s"] / raw
     return out
 
@@ -143,26 +143,36 @@ def _read_all(path: str) -> None:
                 r = s.read_region(0, x, y, min(2048, w - x), min(2048, h - y))
                 px += r.shape[0] * r.shape[1]
     sec = time.perf_counter() - t0
-    print(f"{sec} {px} {peak_rss_mb()}")
+    print(f"{sec} {px} {vm_hwm_mb()}")
 
 
-def memory_flatness(sizes: list[int], workdir: Path) -> dict:
+def _write_mosaic(path: str, n: int) -> None:
+    """Child process: write an n x n mosaic pyramid, print seconds and peak RSS."""
     from slidecensus.tiling import write_pyramid_tiff
 
     src = MosaicSource(sorted((DATA / "bone-marrow-he" / "images").glob("*.png")))
+    t0 = time.perf_counter()
+    write_pyramid_tiff(path, src, (n, n), mpp=0.5, tile_size=512)
+    print(f"{time.perf_counter() - t0} {n * n} {vm_hwm_mb()}")
+
+
+def _child(*args: str) -> tuple[float, ...]:
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_read", *args],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return tuple(float(v) for v in res.stdout.split()[-3:])
+
+
+def memory_flatness(sizes: list[int], workdir: Path) -> dict:
+    """Write then read each size, each in a fresh process (peak RSS = that process's)."""
     out = {}
     for n in sizes:
         path = workdir / f"mosaic_{n}.tiff"
-        t0 = time.perf_counter()
-        write_pyramid_tiff(path, src, (n, n), mpp=0.5, tile_size=512)
-        write_s = time.perf_counter() - t0
-        res = subprocess.run([sys.executable, "-m", "benchmarks.bench_read", "--child",
-                              str(path)], capture_output=True, text=True, check=True,
-                             cwd=ROOT)
-        sec, px, rss = (float(v) for v in res.stdout.split()[-3:])
+        write_s, _, write_rss = _child("--write-child", str(path), str(n))
+        sec, px, rss = _child("--child", str(path))
         out[f"{n}x{n}"] = {"write_s": write_s, "write_mp_per_s": n * n / write_s / 1e6,
-                           "read_s": sec, "read_mp_per_s": px / sec / 1e6,
-                           "peak_rss_mb": rss, "file_mb": path.stat().st_size / 1e6}
+                           "write_peak_rss_mb": write_rss, "read_s": sec,
+                           "read_mp_per_s": px / sec / 1e6, "read_peak_rss_mb": rss,
+                           "file_mb": path.stat().st_size / 1e6}
         path.unlink()
     return out
 
@@ -171,9 +181,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,20000,40000")
     ap.add_argument("--child", default=None)
+    ap.add_argument("--write-child", nargs=2, default=None)
     args = ap.parse_args()
     if args.child:
         _read_all(args.child)
+        return
+    if args.write_child:
+        _write_mosaic(args.write_child[0], int(args.write_child[1]))
         return
     results = {"throughput_cmu_svs": throughput(SVS)}
     sizes = [int(s) for s in args.sizes.split(",") if s]

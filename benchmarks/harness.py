@@ -53,3 +53,16 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     print(json.dumps(payload["results"], indent=2, default=float))
     return path
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident memory of this process image in MB (``VmHWM``).
+
+    Unlike ``ru_maxrss``, which Linux carries across ``exec`` (a child started by a large
+    parent would report the parent's peak), ``VmHWM`` belongs to the current image only.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return peak_rss_mb()

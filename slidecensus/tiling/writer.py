@@ -2,7 +2,7 @@
 
 Slides of any size are written tile by tile from a *source*, a picklable callable that
 renders one level-0 region, so memory stays flat: level 0 is streamed straight into the
-file and each coarser level is accumulated, already downsampled, in a disk-backed buffer.
+file and each coarser level is accumulated, already downsampled, in a temporary on-disk Zarr array.
 The files open in tifffile and in OpenSlide (its ``generic-tiff`` format, which reads the
 levels as separate directories and the µm/px from XResolution/YResolution in cm).
 """
@@ -19,6 +19,7 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import tifffile
+import zarr
 
 from ..errors import InvalidInputError
 
@@ -172,9 +173,13 @@ def write_pyramid_tiff(
                 more = max(level_shape) > min_level_size and min(down_shape) >= 1
                 buffer = None
                 if more:
-                    buffer = np.lib.format.open_memmap(
-                        os.path.join(tmp, f"level{level + 1}.npy"), mode="w+",
-                        dtype=np.uint8, shape=(*down_shape, 3),
+                    # The next level is accumulated in an on-disk Zarr array (not a memmap,
+                    # whose pages would count as resident memory): one chunk per half tile.
+                    half = tile_size // 2
+                    buffer = zarr.create_array(
+                        store=os.path.join(tmp, f"level{level + 1}.zarr"),
+                        shape=(*down_shape, 3), chunks=(half, half, 3), dtype=np.uint8,
+                        compressors=None, fill_value=255, zarr_format=3,
                     )
 
                 def tiles(buffer=buffer, level_source=level_source, level_shape=level_shape,
@@ -196,7 +201,6 @@ def write_pyramid_tiff(
                 )
                 if buffer is None:
                     break
-                buffer.flush()
                 level_shape = down_shape
                 level_source = ArraySource(buffer)
                 level_client = None  # coarser levels are small: encode them here
