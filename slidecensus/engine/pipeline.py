@@ -32,15 +32,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InvalidInputError, SlidecensusError
-from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask
+from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask_rgb
 from .cohort import read_cohort, safe_name
 from .segment import (
     CELL_COLUMNS,
     DEFAULT_MPP,
     SegmentParams,
-    _segment,
-    _stain_sample,
     empty_cell_table,
+    segment_tile_with_labels,
 )
 from .stain import StainModel, estimate_stain_model
 
@@ -85,9 +84,12 @@ def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
     """Open a slide on a worker, find tissue, estimate the stain model once, plan tiles."""
     slide = cached_slide(path, mpp=mpp)
     slide_mpp = slide.mpp if slide.mpp is not None else DEFAULT_MPP
-    mask = tissue_mask(slide, max_size=1024)
-    sample, smask = _stain_sample(slide)
-    stain = estimate_stain_model(sample, mask=smask)
+    thumb = slide.thumbnail(1024)
+    mask = TissueMask(tissue_mask_rgb(thumb),
+                      float(np.mean([slide.shape[0] / thumb.shape[0],
+                                     slide.shape[1] / thumb.shape[1]])))
+    # one stain model per slide, from the low-resolution overview (segment_file does the same)
+    stain = estimate_stain_model(thumb)
     halo = params.segment.for_mpp(slide_mpp).halo_px
     tiles = plan_tiles(slide, tile_size=params.tile_size, halo=halo, level=0, mask=mask,
                        min_tissue=params.min_tissue)
@@ -102,7 +104,8 @@ def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
 
     slide = cached_slide(path, mpp=mpp)
     rgb = slide.read_region(tile.level, tile.rx, tile.ry, tile.rw, tile.rh)
-    labels, table = _segment(rgb, stain, params.segment, plan_mpp, tile.core_in_read)
+    labels, table = segment_tile_with_labels(rgb, stain, params.segment, tile.core_in_read,
+                                             plan_mpp)
     crops = extract_crops(rgb, labels, table, size=params.crop_size,
                           masked=params.masked_crops)
     if len(table):
@@ -502,7 +505,8 @@ def sample_slide_crops(path: str, mpp: float | None, params: CensusParams, n_til
 def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
     from ..models import train_infogan
 
-    crops = np.concatenate([s for s in samples if len(s)])
+    parts = [s for s in samples if len(s)]
+    crops = np.concatenate(parts) if parts else np.zeros((0, 32, 32, 3), np.uint8)
     if len(crops) < config.batch_size:
         raise InvalidInputError(f"only {len(crops)} cells found in the cohort; training needs "
                                 f"at least one batch ({config.batch_size})")
