@@ -153,3 +153,29 @@ def test_parity_with_histomicstk(marrow_pngs):
     dec = htk_dec.color_deconvolution(ref, w)
     c = S.deconvolve(S.rgb_to_od(ref.astype(np.float32)), w)
     np.testing.assert_allclose(S.od_to_rgb(c[..., 0]), dec.StainsFloat[..., 0], atol=0.05)
+
+
+def test_macenko_rejects_an_implausible_hematoxylin_vector():
+    """Mixtures whose 'hematoxylin' absorbs red and blue but not green (a green dye, 48° from
+    Ruifrok's H) are not H&E: the reference matrix is kept instead of a wrong estimate."""
+    h = np.array([0.70, 0.02, 0.71])
+    e = np.array([0.07, 0.99, 0.11])
+    w = np.column_stack([h / np.linalg.norm(h), e / np.linalg.norm(e)])
+    est = S.macenko_stain_matrix(_mixtures(w))
+    np.testing.assert_allclose(est, S.REFERENCE_STAIN_MATRIX)
+    # the same vector is accepted when the plausibility bound is lifted
+    loose = S.macenko_stain_matrix(_mixtures(w), max_h_angle_deg=90.0)
+    assert np.dot(loose[:, 0], w[:, 0]) > 0.99
+
+
+def test_blast_rich_synthetic_slide_keeps_a_plausible_stain_model():
+    """A blast-rich marrow (the abnormal slide of synthetic cohort seed 11): Reinhard
+    stretches its small colour spread and Macenko's extremes miss the stains (35 degrees
+    from Ruifrok's H without the bound); the model must stay within the plausible bound."""
+    from slidecensus.tiling.synth import cohort_specs, render_region
+
+    spec = cohort_specs(2, (768, 768), seed=11)[1]
+    model = S.estimate_stain_model(render_region(spec, 0, 0, 768, 768))
+    h = np.asarray(model.matrix)[:, 0]
+    cos = float(h @ S.REFERENCE_STAIN_MATRIX[:, 0])
+    assert cos >= np.cos(np.radians(S.MAX_HEMATOXYLIN_ANGLE_DEG)) - 1e-12

@@ -1,0 +1,221 @@
+"""The cohort census on real Dask worker processes, against synthetic slides with truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+
+from slidecensus.engine.pipeline import CensusParams, run_cohort
+from slidecensus.tiling.synth import synth_cohort
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Two synthetic slides (normal, abnormal) of 1280 x 1152 plus one corrupt file."""
+    out = tmp_path_factory.mktemp("cohort")
+    csv = synth_cohort(out / "slides", n_slides=2, size=(1152, 1280), seed=11, mpp=0.5)
+    bad = out / "slides" / "broken slide.svs"
+    bad.write_bytes(b"II*\x00" + os.urandom(5000))
+    table = pd.read_csv(csv)
+    table = pd.concat([table, pd.DataFrame([{"path": str(bad), "slide_id": "broken",
+                                             "label": "normal"}])], ignore_index=True)
+    table.to_csv(out / "cohort.csv", index=False)
+    return out / "cohort.csv"
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, cohort) -> Path:
+    """A briefly trained k=3 model (its clusters need not mean anything for these tests)."""
+    from slidecensus.models import TrainConfig, train_infogan
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    train_infogan(crops, TrainConfig(k=3, width=16, iterations=4, batch_size=32, seed=0),
+                  path)
+    return path
+
+
+PARAMS = CensusParams(tile_size=512, region_um=128.0)
+
+
+def _match(truth: np.ndarray, found: np.ndarray, radius: float) -> int:
+    """One-to-one matches within ``radius`` (Hungarian on the candidate pairs)."""
+    if not len(truth) or not len(found):
+        return 0
+    d = np.linalg.norm(truth[:, None, :] - found[None, :, :], axis=2)
+    cost = np.where(d <= radius, d, 1e6)
+    r, c = linear_sum_assignment(cost)
+    return int((cost[r, c] <= radius).sum())
+
+
+@pytest.fixture(scope="module")
+def counted(cohort, client, tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("census")
+    table = run_cohort(cohort, out, client=client, params=PARAMS)
+    return out, table
+
+
+def test_good_slides_ok_and_bad_slide_fails_alone(counted):
+    out, table = counted
+    status = dict(zip(table.slide_id, table.status, strict=True))
+    assert status == {"synth_000_normal": "ok", "synth_001_abnormal": "ok", "broken": "failed"}
+    err = table.set_index("slide_id").loc["broken", "error"]
+    assert "broken slide.svs" in err and "\n" not in err
+    on_disk = pd.read_csv(out / "slides.csv")
+    assert on_disk.slide_id.tolist() == table.slide_id.tolist()
+    assert {"slide_id", "path", "status", "error", "n_cells"} <= set(on_disk.columns)
+
+
+def test_cells_found_where_truth_has_them(counted, cohort):
+    """Tiled census on workers: cells in level-0 coordinates match the truth centroids."""
+    out, table = counted
+    slides = Path(cohort).parent / "slides"
+    for sid in ("synth_000_normal", "synth_001_abnormal"):
+        cells = pd.read_parquet(out / "cells" / f"{sid}.parquet")
+        truth = pd.read_parquet(slides / f"{sid}.cells.parquet")
+        n = int(table.set_index("slide_id").loc[sid, "n_cells"])
+        assert len(cells) == n and cells.cell_id.is_unique
+        m = _match(truth[["x_px", "y_px"]].to_numpy(), cells[["x_px", "y_px"]].to_numpy(), 6.0)
+        # detection on synthetic marrow: most truth cells found, few spurious ones
+        assert m / len(truth) > 0.8, (m, len(truth))
+        assert m / len(cells) > 0.8, (m, len(cells))
+        # no duplicates across tile seams: no two cells closer than 2 px
+        pairs = cKDTree(cells[["x_px", "y_px"]].to_numpy()).query_pairs(2.0)
+        assert not pairs
+
+
+def test_census_zarr_maps_add_up(counted):
+    out, table = counted
+    root = zarr.open_group(out / "census.zarr", mode="r")
+    for sid in ("synth_000_normal", "synth_001_abnormal"):
+        g = root[sid]
+        cells = np.asarray(g["cells"][:])
+        assert cells.sum() == table.set_index("slide_id").loc[sid, "n_cells"]
+        # 1280 x 1152 px at 0.5 µm/px on a 128 µm grid: 5 x 5 regions, coordinates in µm
+        assert cells.shape == (5, 5)
+        np.testing.assert_allclose(np.asarray(g["x"][:]), (np.arange(5) + 0.5) * 128.0)
+        tissue = np.asarray(g["tissue"][:])
+        assert ((tissue >= 0) & (tissue <= 1)).all() and tissue.max() > 0.5
+    assert "broken" not in root
+
+
+def test_tile_size_does_not_change_the_census(counted, cohort, client, tmp_path):
+    """The same slides cut into 512- or 384-px tiles give the same cells (seam-free)."""
+    out, _ = counted
+    other = run_cohort(cohort, tmp_path, client=client,
+                       params=CensusParams(tile_size=384, region_um=128.0))
+    for sid in ("synth_000_normal", "synth_001_abnormal"):
+        a = pd.read_parquet(out / "cells" / f"{sid}.parquet")
+        b = pd.read_parquet(tmp_path / "cells" / f"{sid}.parquet")
+        m = _match(a[["x_px", "y_px"]].to_numpy(), b[["x_px", "y_px"]].to_numpy(), 2.0)
+        assert m >= 0.99 * max(len(a), len(b))
+    assert other.status.tolist() == ["ok", "ok", "failed"]
+
+
+def test_rerun_resumes_and_parameter_change_recomputes(counted, cohort, client):
+    out, table = counted
+    rec = out / "slides" / "synth_000_normal.json"
+    cells = out / "cells" / "synth_000_normal.parquet"
+    before = (rec.stat().st_mtime_ns, cells.stat().st_mtime_ns)
+    again = run_cohort(cohort, out, client=client, params=PARAMS)
+    assert (rec.stat().st_mtime_ns, cells.stat().st_mtime_ns) == before  # skipped
+    pd.testing.assert_frame_equal(again.drop(columns=["seconds"]),
+                                  table.drop(columns=["seconds"]))
+    # a different region size changes the maps: the slide is recomputed
+    run_cohort(cohort, out, client=client, params=CensusParams(tile_size=512,
+                                                               region_um=64.0))
+    assert rec.stat().st_mtime_ns != before[0]
+    assert json.loads(rec.read_text())["digest"]["params"] == CensusParams(
+        tile_size=512, region_um=64.0).digest()
+
+
+def test_classified_census_proportions(cohort, client, tiny_model, tmp_path):
+    table = run_cohort(cohort, tmp_path, client=client, model=tiny_model, params=PARAMS)
+    ok = table[table.status == "ok"]
+    props = ok[["p_0", "p_1", "p_2"]].to_numpy()
+    np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-9)
+    cells = pd.read_parquet(tmp_path / "cells" / "synth_001_abnormal.parquet")
+    assert cells.cluster.between(0, 2).all()
+    np.testing.assert_allclose(cells[["p_0", "p_1", "p_2"]].sum(axis=1), 1.0, atol=1e-4)
+    # the slide proportions are the cluster counts of its cells
+    counts = np.bincount(cells.cluster, minlength=3) / len(cells)
+    np.testing.assert_allclose(ok.set_index("slide_id").loc["synth_001_abnormal",
+                                                            ["p_0", "p_1", "p_2"]].to_numpy(
+        dtype=float), counts, atol=1e-9)
+    g = zarr.open_group(tmp_path / "census.zarr", mode="r")["synth_001_abnormal"]
+    assert np.asarray(g["counts"][:]).sum() == len(cells)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_inference_runs_only_on_the_gpu_worker(cohort, tiny_model, tmp_path):
+    """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1, one started
+    with ``--resources GPU=1``: classification tasks run there and nowhere else."""
+    from distributed import Client, get_task_stream
+
+    port = _free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    exe = shutil.which("dask") or sys.executable
+    base = [exe] if exe.endswith("dask") else [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen([*base, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0", "--no-show"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(1.5)
+        for extra in ([], ["--resources", "GPU=1"]):
+            procs.append(subprocess.Popen(
+                [*base, "worker", addr, "--nthreads", "1", "--host", "127.0.0.1",
+                 "--no-dashboard", *extra],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(addr, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+            gpu = [a for a, w in client.scheduler_info()["workers"].items()
+                   if w.get("resources", {}).get("GPU")]
+            assert len(gpu) == 1
+            with get_task_stream(client) as ts:
+                table = run_cohort(cohort, tmp_path, client=client, model=tiny_model,
+                                   params=PARAMS)
+            assert table.status.tolist() == ["ok", "ok", "failed"]
+            ran = {}
+            for t in ts.data:
+                ran.setdefault(t["key"].split("-")[0], set()).add(t["worker"])
+            assert ran["classify_task"] == set(gpu)
+            assert ran["segment_tile_task"]  # segmentation ran (anywhere)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
