@@ -126,6 +126,7 @@ def classify_task(model_path: str | None, *tiles: tuple[pd.DataFrame, np.ndarray
                 for t, _ in tiles]
     from ..models import load_model, predict
 
+    _match_torch_threads()
     model = load_model(model_path)
     crops = [c for _, c in tiles]
     sizes = [len(c) for c in crops]
@@ -136,6 +137,21 @@ def classify_task(model_path: str | None, *tiles: tuple[pd.DataFrame, np.ndarray
         out.append((clusters[i : i + n], probs[i : i + n]))
         i += n
     return out
+
+
+def _match_torch_threads() -> None:
+    """On a Dask worker, let torch use as many threads as the worker has (not every core:
+    CPU inference runs beside segmentation tasks, and oversubscribed OpenMP crawls)."""
+    try:
+        from distributed import get_worker
+
+        n = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        return
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(max(1, n))
 
 
 def region_grid(shape: tuple[int, int], mpp: float, region_um: float) -> tuple[int, int, float]:

@@ -420,3 +420,22 @@ def test_no_fd_leak_on_close(pyramid):
         with open_slide(pyramid[0]) as s:
             s.read_region(0, 0, 0, 10, 10)
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_ome_tiff_mpp_and_levels(tmp_path):
+    """OME-TIFF: µm/px from PhysicalSizeX (here given in nm), pyramid from SubIFDs."""
+    img = _pattern(600, 800, seed=5)
+    p = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(p, bigtiff=True) as tw:
+        tw.write(img, tile=(256, 256), photometric="rgb", subifds=1, compression="zlib",
+                 metadata={"axes": "YXS", "PhysicalSizeX": 350.0, "PhysicalSizeXUnit": "nm",
+                           "PhysicalSizeY": 350.0, "PhysicalSizeYUnit": "nm"})
+        tw.write(img[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1,
+                 compression="zlib")
+    with open_slide(p) as s:
+        assert s.format == "ome-tiff" and s.backend == "tifffile"
+        assert s.mpp == pytest.approx(0.35)
+        assert [lv.shape for lv in s.levels] == [(600, 800), (300, 400)]
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 800, 600), img)  # lossless
+        np.testing.assert_array_equal(s.read_region(1, 10, 20, 30, 40),
+                                      img[::2, ::2][20:60, 10:40])
