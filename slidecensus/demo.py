@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(out: str | Path, cluster: str = "local", seed: int = 0, n_slides: int = 4,
-             size: int = 2048, iterations: int = 150) -> int:
+             size: int = 2048, iterations: int = 40, width: int = 16) -> int:
     """Synthesise ``n_slides`` slides, train a small model on them, run the census."""
     from .cluster import get_client
     from .engine.pipeline import run_cohort, train_from_cohort
@@ -29,7 +29,7 @@ def run_demo(out: str | Path, cluster: str = "local", seed: int = 0, n_slides: i
                               mpp=0.5, client=client)
         print(f"[{time.perf_counter() - t0:6.1f}s] synthetic cohort: {cohort}")
         model = out / "model.pt"
-        config = TrainConfig(k=5, width=32, iterations=iterations, seed=seed,
+        config = TrainConfig(k=5, width=width, iterations=iterations, seed=seed,
                              checkpoint_every=max(iterations, 1))
         if not model.exists():
             train_from_cohort(cohort, model, config=config, client=client, seed=seed,

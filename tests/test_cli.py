@@ -1,0 +1,66 @@
+"""The command line: each subcommand reaches its library function; errors are one line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from slidecensus.cli import main
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("slidecensus")
+    cmd = [exe] if exe else [sys.executable, "-m", "slidecensus"]
+    res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for name in ("synth", "segment", "train", "run", "info", "demo"):
+        assert name in res.stdout
+
+
+@pytest.mark.shared
+def test_info_describes_a_real_slide(cmu_svs, capsys):
+    assert main(["info", str(cmu_svs)]) == 0
+    out = capsys.readouterr().out
+    assert "svs via tifffile" in out and "0.499" in out and "2220 x 2967" in out
+
+
+def test_missing_slide_is_a_one_line_error_and_status_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope.svs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slidecensus: error:") and "no such file" in err
+    assert "\n" not in err
+
+
+def test_bad_size_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["synth", str(tmp_path), "--size", "12by34"])
+    assert e.value.code == 2
+    assert "expected WxH" in capsys.readouterr().err
+
+
+def test_synth_then_segment(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "c"), "--slides", "1", "--size", "640x512",
+                 "--seed", "4"]) == 0
+    cohort = pd.read_csv(tmp_path / "c" / "cohort.csv")
+    assert len(cohort) == 1
+    slide = cohort.path[0]
+    out = tmp_path / "cells.parquet"
+    assert main(["segment", slide, "--out", str(out)]) == 0
+    cells = pd.read_parquet(out)
+    truth = pd.read_parquet(tmp_path / "c" / f"{cohort.slide_id[0]}.cells.parquet")
+    assert {"x_px", "y_px", "area_um2"} <= set(cells.columns)
+    assert 0.7 * len(truth) < len(cells) < 1.3 * len(truth)
+    # the file's own 0.5 µm/px was used: areas in µm² = px * 0.25
+    assert (cells.area_um2 / cells.area_px).round(6).eq(0.25).all()
+
+
+def test_run_with_a_malformed_cohort_stops_before_work(tmp_path, capsys):
+    bad = tmp_path / "cohort.csv"
+    bad.write_text("path,slide_id\na.svs,A\nb.svs,A\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "out"), "--no-classify"]) == 2
+    assert "line 3: duplicate slide_id 'A'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "slides.csv").exists()
