@@ -64,3 +64,19 @@ def test_run_with_a_malformed_cohort_stops_before_work(tmp_path, capsys):
     assert main(["run", str(bad), "--out", str(tmp_path / "out"), "--no-classify"]) == 2
     assert "line 3: duplicate slide_id 'A'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "slides.csv").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path, capsys):
+    """The README demo path (synth -> train -> census) on a 2-worker LocalCluster, small."""
+    from slidecensus.demo import run_demo
+
+    assert run_demo(tmp_path, cluster="local:2", n_slides=2, size=768, iterations=2,
+                    width=8) == 0
+    table = pd.read_csv(tmp_path / "census" / "slides.csv")
+    assert table.status.tolist() == ["ok", "ok"]
+    assert (table.n_cells > 0).all()
+    props = table[[f"p_{j}" for j in range(5)]].to_numpy()
+    assert abs(props.sum(axis=1) - 1).max() < 1e-9
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "census" / "census.zarr").is_dir()
+    assert "truth_cells" in capsys.readouterr().out
