@@ -361,6 +361,7 @@ def run_cohort(
     if model is not None and not Path(model).is_file():
         raise InvalidInputError(f"model checkpoint {model} does not exist")
     k = _model_k(model)
+    _remove_stale_temporaries(out)
     digest = {"params": params.digest(), "model": _model_digest(model),
               "schema": SCHEMA_VERSION}
     write_json_atomic({"params": asdict(params), "digest": digest, "model": model,
@@ -444,6 +445,14 @@ def _failed(row: pd.Series, exc: BaseException, digest: dict, t0: float) -> dict
         traceback.format_exception(exc)))
     return {"status": "failed", "error": _one_line(exc), "n_cells": 0, "seconds":
             time.perf_counter() - t0, "digest": digest}
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete half-written files an interrupted run left (they are never read)."""
+    for folder in (out, out / "cells", out / "slides"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
 
 
 def _record_path(out: Path, slide_id: str) -> Path:

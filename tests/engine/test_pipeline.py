@@ -219,3 +219,48 @@ def test_inference_runs_only_on_the_gpu_worker(cohort, tiny_model, tmp_path):
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_killed_client_resumes_to_the_same_outputs(tmp_path):
+    """`slidecensus run` killed (SIGKILL, with its local cluster) after its first slide is
+    committed; the rerun finishes the cohort without recomputing that slide, and every
+    output equals an uninterrupted run's."""
+    import signal
+
+    csv = synth_cohort(tmp_path / "slides", n_slides=4, size=(768, 896), seed=5, mpp=0.5)
+    cmd = [sys.executable, "-m", "slidecensus", "run", str(csv), "--no-classify",
+           "--cluster", "local:1", "--slides-in-flight", "1", "--tile-size", "512"]
+    # the interrupted run
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((out / "slides").glob("*.json")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "slides").glob("*.json")}
+    assert 1 <= len(done) < 4
+    subprocess.run([*cmd, "--out", str(out)], check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for name, mtime in done.items():  # committed slides were not recomputed
+        assert (out / "slides" / name).stat().st_mtime_ns == mtime
+    # the uninterrupted run
+    ref = tmp_path / "reference"
+    subprocess.run([*cmd, "--out", str(ref)], check=True, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a = pd.read_csv(out / "slides.csv").drop(columns=["seconds"])
+    b = pd.read_csv(ref / "slides.csv").drop(columns=["seconds"])
+    pd.testing.assert_frame_equal(a, b)
+    assert (a.status == "ok").all()
+    for sid in a.slide_id:
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "cells" / f"{sid}.parquet"),
+                                      pd.read_parquet(ref / "cells" / f"{sid}.parquet"))
+        ga = zarr.open_group(out / "census.zarr", mode="r")[sid]
+        gb = zarr.open_group(ref / "census.zarr", mode="r")[sid]
+        for var in ("counts", "cells", "tissue"):
+            np.testing.assert_array_equal(ga[var][:], gb[var][:])
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
