@@ -1,0 +1,106 @@
+"""One checkpoint file per trained cell model: config, weights of G, D and Q, summary.
+
+The file is a plain dictionary of tensors, numbers, strings, lists and dicts, written with
+``torch.save`` and read with ``torch.load(..., weights_only=True)``, so loading never runs
+pickled code. It is written atomically (temporary file, then ``os.replace``) so a crash
+mid-write leaves the previous checkpoint intact, which is what resuming relies on.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    {"format": "slidecensus.infogan", "format_version": 1,
+     "config": {...TrainConfig fields...},
+     "weights": {"G": state_dict, "D_trunk": ..., "D_head": ..., "Q_head": ...},
+     "summary": {"iteration", "epochs_done", "time_s", "seed", "device", "versions", "history"},
+     "train_state": {optimiser states, RNG state, data permutation} or None}
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError, SlidecensusError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "slidecensus.infogan"
+#: Bumped whenever the layout or the network definitions change incompatibly.
+FORMAT_VERSION = 1
+
+
+class CheckpointError(InvalidInputError):
+    """A checkpoint file is missing, unreadable, or from an incompatible version."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        SlidecensusError.__init__(self, f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep both arguments through pickling
+        return (type(self), (self.path, self.reason))
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write ``payload`` (without the format keys) to ``path`` atomically.
+
+    Parameters
+    ----------
+    payload : dict
+        ``config``, ``weights``, ``summary`` and ``train_state`` as described above.
+    path : str or Path
+        Destination; its folder is created if needed.
+
+    Returns
+    -------
+    Path
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` and check its format version.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, is not a slidecensus cell-model checkpoint, or was written
+        by an incompatible format version (the message names both versions).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or foreign files
+        raise CheckpointError(path, f"not a readable weights-only checkpoint ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(path, f"not a slidecensus cell-model checkpoint "
+                                    f"(expected format {FORMAT!r})")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            path,
+            f"checkpoint format version {version} is incompatible with this slidecensus, "
+            f"which reads version {FORMAT_VERSION}; retrain the model with "
+            f"`slidecensus train` or use the slidecensus release that wrote it",
+        )
+    for key in ("config", "weights", "summary"):
+        if key not in data:
+            raise CheckpointError(path, f"checkpoint lacks the {key!r} section")
+    return data

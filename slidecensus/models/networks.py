@@ -1,0 +1,190 @@
+"""Residual networks of the cell model: generator G, critic trunk and heads D and Q.
+
+The layout follows Hu et al. (2018), who take the residual WGAN-GP networks of
+Gulrajani et al. (2017) and add InfoGAN's auxiliary network Q (Chen et al., 2016):
+
+* **G** maps a one-hot categorical code ``c`` (``k`` values) concatenated with Gaussian
+  noise ``z`` to a 32 x 32 RGB image in [-1, 1]: a linear layer to 4 x 4 x ``width``,
+  three residual blocks with nearest-neighbour upsampling and batch normalisation
+  (4 -> 8 -> 16 -> 32), then batch norm, ReLU, a 3 x 3 convolution and ``tanh``.
+* **D trunk** maps an image to a feature vector: four residual blocks, the first two with
+  mean-pool downsampling (32 -> 16 -> 8), the last two at 8 x 8, **no batch normalisation**
+  (the gradient penalty is defined per sample, and batch norm couples the samples of a
+  batch, Gulrajani et al., section 4), then ReLU and a global mean.
+* **D head** is one linear unit: the Wasserstein critic value.
+* **Q head** shares D's trunk and ends in ``k`` logits; a softmax turns them into
+  Q(c | x), which is the cluster assignment of a real cell.
+
+References
+----------
+.. [1] B. Hu, Y. Tang, E. I-C. Chang, Y. Fan, M. Lai, Y. Xu. "Unsupervised Learning for
+   Cell-level Visual Representation in Histopathology Images with Generative Adversarial
+   Networks." IEEE J. Biomed. Health Inform. 23(3), 2019. arXiv:1711.11317.
+.. [2] I. Gulrajani, F. Ahmed, M. Arjovsky, V. Dumoulin, A. Courville. "Improved Training
+   of Wasserstein GANs." NeurIPS 2017.
+.. [3] X. Chen, Y. Duan, R. Houthooft, J. Schulman, I. Sutskever, P. Abbeel. "InfoGAN:
+   Interpretable Representation Learning by Information Maximizing Generative
+   Adversarial Nets." NeurIPS 2016.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CROP_SIZE",
+    "CriticHead",
+    "CriticTrunk",
+    "Generator",
+    "QHead",
+]
+
+#: Side of the square cell crops every network here reads or draws (Hu et al., section III-A).
+CROP_SIZE = 32
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean-pool downsampling by 2 (the critic's resampling in [2])."""
+    return F.avg_pool2d(x, 2)
+
+
+class _UpBlock(nn.Module):
+    """Generator residual block: BN-ReLU-up-conv-BN-ReLU-conv, plus an up-conv1x1 shortcut."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.shortcut(up)
+
+
+class _DownBlock(nn.Module):
+    """Critic residual block without normalisation, optionally mean-pooled by 2.
+
+    ``first`` is the "optimised" input block of [2]: no activation before the first
+    convolution (the input is an image), and the shortcut pools before its 1 x 1 conv.
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, down: bool, first: bool = False) -> None:
+        super().__init__()
+        self.first = first
+        self.down = down
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if (c_in != c_out or down) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.down:
+            h = _pool(h)
+        s = x
+        if self.shortcut is not None:
+            s = self.shortcut(_pool(s)) if (self.first and self.down) else self.shortcut(s)
+            if self.down and not self.first:
+                s = _pool(s)
+        return h + s
+
+
+class Generator(nn.Module):
+    """G(z, c): noise and a one-hot categorical code to a 32 x 32 RGB image in [-1, 1].
+
+    Parameters
+    ----------
+    k : int
+        Number of values of the categorical code (number of cell clusters).
+    z_dim : int
+        Dimensions of the Gaussian noise (32 in Hu et al.; 64 for large cohorts).
+    width : int
+        Channels of every residual block (128 in [2]; narrower is practical on CPU).
+    """
+
+    def __init__(self, k: int, z_dim: int, width: int) -> None:
+        super().__init__()
+        self.k, self.z_dim, self.width = int(k), int(z_dim), int(width)
+        self.fc = nn.Linear(self.k + self.z_dim, 4 * 4 * self.width)
+        self.blocks = nn.Sequential(*(_UpBlock(self.width, self.width) for _ in range(3)))
+        self.bn = nn.BatchNorm2d(self.width)
+        self.to_rgb = nn.Conv2d(self.width, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, c_onehot: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, 32, 32) in [-1, 1] from ``z`` (B, z_dim) and ``c_onehot`` (B, k)."""
+        h = self.fc(torch.cat([c_onehot, z], dim=1)).view(-1, self.width, 4, 4)
+        h = F.relu(self.bn(self.blocks(h)))
+        return torch.tanh(self.to_rgb(h))
+
+
+class CriticTrunk(nn.Module):
+    """Shared trunk of D and Q: four residual blocks, no batch norm, mean-pool downsampling.
+
+    Parameters
+    ----------
+    width : int
+        Channels of every residual block.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = int(width)
+        w = self.width
+        self.blocks = nn.ModuleList([
+            _DownBlock(3, w, down=True, first=True),  # 32 -> 16
+            _DownBlock(w, w, down=True),  # 16 -> 8
+            _DownBlock(w, w, down=False),  # 8
+            _DownBlock(w, w, down=False),  # 8
+        ])
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Output map of every residual block (the feature source of Hu et al., Table I)."""
+        out = []
+        for block in self.blocks:
+            x = block(x)
+            out.append(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature vector (B, width): ReLU then global mean of the last block."""
+        return F.relu(self.forward_features(x)[-1]).mean(dim=(2, 3))
+
+    def table1_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Each block's map max-pooled to 4 x 4, flattened and concatenated (B, 4*16*width).
+
+        This is the representation Hu et al. feed to a linear SVM (their Table I).
+        """
+        maps = self.forward_features(x)
+        return torch.cat([F.adaptive_max_pool2d(m, 4).flatten(1) for m in maps], dim=1)
+
+
+class CriticHead(nn.Module):
+    """Critic value D(x) from the trunk's feature vector: one linear unit."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(int(width), 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Critic values, shape (B,)."""
+        return self.fc(h).squeeze(1)
+
+
+class QHead(nn.Module):
+    """Auxiliary head Q(c | x): a hidden layer then ``k`` logits (softmax gives Q(c | x))."""
+
+    def __init__(self, width: int, k: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(int(width), int(width))
+        self.out = nn.Linear(int(width), int(k))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (B, k)."""
+        return self.out(F.leaky_relu(self.hidden(h), 0.2))

@@ -1,0 +1,595 @@
+"""Unsupervised training of the cell model: InfoGAN with a Wasserstein gradient-penalty loss.
+
+One generator iteration is ``n_critic`` (5) critic steps, then one generator step and one
+Q step, all at batch 64 with Adam (lr 1e-4, betas (0.5, 0.9)), as in Hu et al. (2019),
+section III:
+
+* critic:     L_D = E[D(G(z, c))] - E[D(x)] + lambda1 * GP,   lambda1 = 10
+* generator:  L_G = -E[D(G(z, c))]
+* auxiliary:  L_Q = lambda2 * CE(Q(G(z, c)), c),              lambda2 = 1
+
+``GP`` is the gradient penalty of Gulrajani et al. (2017): E[(||grad_x D(x_hat)||_2 - 1)^2]
+on random interpolates ``x_hat`` between real and generated crops. Minimising L_Q over G and
+Q maximises the variational lower bound on the mutual information I(c; G(z, c)) (Chen et
+al., 2016), which is what makes the categories of ``c`` become clusters of cells.
+
+**Epochs.** One epoch is one pass of the critic's *real* batches over the augmented set
+(every crop in each of its 4 rotations once), so an epoch is
+``ceil(4 N / (batch_size * n_critic))`` generator iterations. For the paper's 60 000 cells
+that is 750 iterations per epoch and 7 500 for the default 10 epochs. ``iterations``
+overrides the schedule.
+
+**Determinism and resume.** Weights are initialised from ``seed``; every random draw of
+training (data order, rotations, z, c, interpolation weights) comes from one CPU
+``torch.Generator`` whose state is saved in the checkpoint with the optimiser states and the
+data permutation, so an interrupted run resumed from its checkpoint ends with the same
+weights as an uninterrupted one (same device, same thread count).
+
+References
+----------
+.. [1] B. Hu et al. "Unsupervised Learning for Cell-level Visual Representation in
+   Histopathology Images with Generative Adversarial Networks." IEEE JBHI 23(3), 2019.
+.. [2] I. Gulrajani et al. "Improved Training of Wasserstein GANs." NeurIPS 2017.
+.. [3] X. Chen et al. "InfoGAN." NeurIPS 2016.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidInputError
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .networks import CROP_SIZE, CriticHead, CriticTrunk, Generator, QHead
+
+__all__ = [
+    "NORMALISATION",
+    "InfoGANTrainer",
+    "TrainConfig",
+    "build_networks",
+    "critic_loss",
+    "generator_loss",
+    "gradient_penalty",
+    "info_loss",
+    "resolve_device",
+    "sample_code",
+    "to_model_input",
+    "train_infogan",
+    "validate_crops",
+]
+
+log = logging.getLogger(__name__)
+
+#: How uint8 crops become network inputs; stored in the checkpoint config.
+NORMALISATION = "x / 127.5 - 1"
+
+#: Config keys that fix the shapes of the weights; a resumed run must keep them.
+ARCH_KEYS = ("k", "z_dim", "width", "crop_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; stored in the checkpoint.
+
+    Defaults are those of Hu et al. except ``width``: 128 channels is the paper's (and
+    Gulrajani et al.'s) width, meant for a GPU; 32-64 keeps CPU runs feasible.
+
+    Attributes
+    ----------
+    k : int
+        Values of the categorical code c, i.e. number of cell clusters (paper: 5).
+    z_dim : int
+        Gaussian noise dimensions (paper: 32; 64 for large cohorts).
+    width : int
+        Channels of every residual block of G and of the D/Q trunk.
+    batch_size, lr, betas, n_critic : int, float, (float, float), int
+        Adam optimisation: batch 64, lr 1e-4, betas (0.5, 0.9), 5 critic steps per G step.
+    lambda_gp, lambda_q : float
+        Weights of the gradient penalty (lambda1 = 10) and of L_Q (lambda2 = 1).
+    epochs : float
+        Length of training in epochs (see the module docstring for the definition).
+    iterations : int or None
+        Generator iterations; overrides ``epochs`` when set.
+    rotations : bool
+        Augment with 90, 180 and 270 degree rotations (paper: yes).
+    seed : int
+        Seed of weight initialisation and of every random draw of training.
+    amp : bool
+        bfloat16 autocast for G and the critic forward on CUDA (the gradient penalty is
+        always computed in float32). Ignored on CPU.
+    channels_last : bool
+        Use the channels-last memory format on CUDA (faster convolutions on tensor cores).
+    deterministic : bool
+        On CUDA, pick deterministic cuDNN kernels (and no autotuning) so that the same seed
+        gives the same weights on the same GPU; False enables ``cudnn.benchmark`` for
+        speed. CPU runs are deterministic either way.
+    q_trains_trunk : bool
+        Whether L_Q also updates the trunk shared with D (as in InfoGAN) or only Q's head.
+    checkpoint_every : int
+        Write the checkpoint every this many iterations (and at the end).
+    crop_size : int
+        Side of the crops; only 32 is supported.
+    """
+
+    k: int = 5
+    z_dim: int = 32
+    width: int = 128
+    batch_size: int = 64
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    n_critic: int = 5
+    lambda_gp: float = 10.0
+    lambda_q: float = 1.0
+    epochs: float = 10.0
+    iterations: int | None = None
+    rotations: bool = True
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = False
+    deterministic: bool = True
+    q_trains_trunk: bool = True
+    checkpoint_every: int = 500
+    crop_size: int = CROP_SIZE
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.k < 2:
+            problems.append(f"k must be >= 2, got {self.k}")
+        if self.z_dim < 1:
+            problems.append(f"z_dim must be >= 1, got {self.z_dim}")
+        if self.width < 4:
+            problems.append(f"width must be >= 4, got {self.width}")
+        if self.batch_size < 2:
+            problems.append(f"batch_size must be >= 2, got {self.batch_size}")
+        if self.n_critic < 1:
+            problems.append(f"n_critic must be >= 1, got {self.n_critic}")
+        if self.iterations is not None and self.iterations < 0:
+            problems.append(f"iterations must be >= 0, got {self.iterations}")
+        if self.epochs < 0:
+            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if self.crop_size != CROP_SIZE:
+            problems.append(f"crop_size must be {CROP_SIZE}, got {self.crop_size}")
+        if problems:
+            raise InvalidInputError("invalid TrainConfig: " + "; ".join(problems))
+
+    def iterations_per_epoch(self, n_crops: int) -> int:
+        """Generator iterations in one epoch over ``n_crops`` crops (and their rotations)."""
+        n_aug = n_crops * (4 if self.rotations else 1)
+        return max(1, math.ceil(n_aug / (self.batch_size * self.n_critic)))
+
+    def total_iterations(self, n_crops: int) -> int:
+        """Generator iterations of the whole run over ``n_crops`` crops."""
+        if self.iterations is not None:
+            return int(self.iterations)
+        return math.ceil(self.epochs * self.iterations_per_epoch(n_crops))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples) as stored in the checkpoint, plus the normalisation."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["normalisation"] = NORMALISATION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {key: v for key, v in d.items() if key in names}
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when available and ``device`` is None, else the device asked for."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def validate_crops(crops: np.ndarray) -> np.ndarray:
+    """Check that ``crops`` is uint8 (N, 32, 32, 3) with N >= 1; return it C-contiguous."""
+    crops = np.asarray(crops)
+    if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
+        raise InvalidInputError(
+            f"crops must have shape (N, {CROP_SIZE}, {CROP_SIZE}, 3), got {crops.shape}")
+    if crops.dtype != np.uint8:
+        raise InvalidInputError(f"crops must be uint8, got {crops.dtype}")
+    return np.ascontiguousarray(crops)
+
+
+def to_model_input(batch_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 32, 32, 3) or (B, 3, 32, 32) tensor to float32 NCHW in [-1, 1]."""
+    if batch_u8.shape[-1] == 3:
+        batch_u8 = batch_u8.permute(0, 3, 1, 2)
+    return batch_u8.float().div_(127.5).sub_(1.0)
+
+
+def build_networks(config: TrainConfig) -> nn.ModuleDict:
+    """G, the critic trunk, D's head and Q's head, initialised from ``config.seed``.
+
+    The global torch RNG is left as it was (initialisation runs in a forked RNG).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return nn.ModuleDict({
+            "G": Generator(config.k, config.z_dim, config.width),
+            "D_trunk": CriticTrunk(config.width),
+            "D_head": CriticHead(config.width),
+            "Q_head": QHead(config.width, config.k),
+        })
+
+
+def sample_code(batch: int, k: int, z_dim: int, generator: torch.Generator,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw Gaussian ``z`` (B, z_dim) and a uniform categorical ``c`` (B,) in [0, k)."""
+    z = torch.randn(batch, z_dim, generator=generator)
+    c = torch.randint(k, (batch,), generator=generator)
+    return z.to(device, non_blocking=True), c.to(device, non_blocking=True)
+
+
+def critic_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Wasserstein critic loss without the penalty: E[D(G(z, c))] - E[D(x)]."""
+    return d_fake.float().mean() - d_real.float().mean()
+
+
+def generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """Generator loss: -E[D(G(z, c))]."""
+    return -d_fake.float().mean()
+
+
+def info_loss(q_logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of Q's prediction of the code ``c`` (the negative MI lower bound, up
+    to the constant entropy H(c))."""
+    return F.cross_entropy(q_logits.float(), c)
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                     fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Gradient penalty of WGAN-GP: mean over the batch of (||grad D(x_hat)||_2 - 1)^2.
+
+    Parameters
+    ----------
+    critic : callable
+        Maps a batch (B, ...) to critic values (B,).
+    real, fake : Tensor
+        Real and generated batches of the same shape; gradients do not flow into them.
+    alpha : Tensor
+        Interpolation weights, shape (B, 1, ..., 1), uniform in [0, 1] in training:
+        ``x_hat = alpha * real + (1 - alpha) * fake``.
+
+    Notes
+    -----
+    Computed in float32 even under mixed precision: the penalty differentiates the critic's
+    gradient norm, and bfloat16 gradients are too coarse for it. ``create_graph=True`` so
+    the penalty itself can be back-propagated into the critic's weights.
+    """
+    x_hat = (alpha * real.detach().float() + (1 - alpha) * fake.detach().float())
+    x_hat.requires_grad_(True)
+    out = critic(x_hat).float()
+    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + 1e-12)
+    return (norm - 1.0).pow(2).mean()
+
+
+def _versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {"slidecensus": str(__version__), "torch": str(torch.__version__),
+            "numpy": str(np.__version__), "python": platform.python_version()}
+
+
+class _RealBatches:
+    """Endless shuffled batches of real crops and their rotations, from a torch Generator."""
+
+    def __init__(self, crops: torch.Tensor, batch: int, rotations: bool,
+                 generator: torch.Generator) -> None:
+        self.crops = crops  # uint8 (N, 3, 32, 32) on the training device
+        self.batch = batch
+        self.n_rot = 4 if rotations else 1
+        self.n_aug = crops.shape[0] * self.n_rot
+        self.gen = generator
+        self.perm = torch.randperm(self.n_aug, generator=generator)
+        self.pos = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if int(state["perm"].numel()) != self.n_aug:
+            raise InvalidInputError("the crops differ in number from those the checkpoint "
+                                    f"was trained on ({state['perm'].numel()} augmented "
+                                    f"crops saved, {self.n_aug} given)")
+        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
+
+    def next(self) -> torch.Tensor:
+        if self.n_aug < self.batch:  # tiny sets: draw with replacement
+            idx = torch.randint(self.n_aug, (self.batch,), generator=self.gen)
+        else:
+            if self.pos + self.batch > self.n_aug:
+                self.perm = torch.randperm(self.n_aug, generator=self.gen)
+                self.pos = 0
+            idx = self.perm[self.pos:self.pos + self.batch]
+            self.pos += self.batch
+        dev = self.crops.device
+        x = self.crops[(idx // self.n_rot).to(dev)]
+        if self.n_rot > 1:
+            rot = (idx % self.n_rot).to(dev)
+            for r in (1, 2, 3):
+                m = rot == r
+                x[m] = torch.rot90(x[m], r, dims=(2, 3))
+        return to_model_input(x)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class InfoGANTrainer:
+    """Networks, optimisers and the three update steps of one training run.
+
+    :func:`train_infogan` drives it; the steps are exposed so that each can be tested
+    alone. One generator iteration is ``n_critic`` calls of :meth:`critic_step`, then
+    :meth:`generator_step` and :meth:`q_step`.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    device : torch.device
+    generator : torch.Generator
+        CPU generator from which every random draw (z, c, interpolation weights) comes.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device,
+                 generator: torch.Generator) -> None:
+        self.config = config
+        self.device = device
+        self.gen = generator
+        cuda = device.type == "cuda"
+        self.nets = build_networks(config).to(device)
+        self.channels_last = cuda and config.channels_last
+        if self.channels_last:
+            self.nets = self.nets.to(memory_format=torch.channels_last)
+        self.nets.train()
+        self.G, self.trunk = self.nets["G"], self.nets["D_trunk"]
+        self.d_head, self.q_head = self.nets["D_head"], self.nets["Q_head"]
+        self.use_amp = cuda and config.amp
+
+        def adam(params: list[nn.Parameter]) -> torch.optim.Adam:
+            return torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas))
+
+        self.d_params = [*self.trunk.parameters(), *self.d_head.parameters()]
+        self.opt_d = adam(self.d_params)
+        self.opt_g = adam(list(self.G.parameters()))
+        q_params = [*self.G.parameters(), *self.q_head.parameters()]
+        if config.q_trains_trunk:
+            q_params += list(self.trunk.parameters())
+        self.opt_q = adam(q_params)
+
+    # -- helpers
+    def _amp(self) -> contextlib.AbstractContextManager:
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _fmt(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _set_grad(self, params: list[nn.Parameter], flag: bool) -> None:
+        for p in params:
+            p.requires_grad_(flag)
+
+    def critic(self, x: torch.Tensor) -> torch.Tensor:
+        """D(x): critic values (B,)."""
+        return self.d_head(self.trunk(x))
+
+    def generate(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw (z, c) and return (G(z, c), c); gradients flow into G."""
+        k = self.config.k
+        z, c = sample_code(batch, k, self.config.z_dim, self.gen, self.device)
+        return self._fmt(self.G(z, F.one_hot(c, k).float())), c
+
+    # -- the three steps
+    def critic_step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One critic update on a real batch; returns detached (L_D, GP, E[D(x)]-E[D(G)])."""
+        cfg = self.config
+        self._set_grad(self.d_params, True)
+        real = self._fmt(real)
+        bs = real.shape[0]
+        alpha = torch.rand(bs, 1, 1, 1, generator=self.gen).to(self.device, non_blocking=True)
+        with torch.no_grad(), self._amp():
+            fake, _ = self.generate(bs)
+        fake = self._fmt(fake.float())
+        with self._amp():
+            d_real = self.critic(real)
+            d_fake = self.critic(fake)
+        wd = critic_loss(d_real, d_fake)
+        gp = gradient_penalty(self.critic, real, fake, alpha)  # float32, outside autocast
+        loss = wd + cfg.lambda_gp * gp
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        return loss.detach(), gp.detach(), -wd.detach()
+
+    def generator_step(self) -> torch.Tensor:
+        """One G update of L_G = -E[D(G(z, c))] with the critic frozen; returns L_G."""
+        self._set_grad(self.d_params, False)
+        with self._amp():
+            fake, _ = self.generate(self.config.batch_size)
+            loss = generator_loss(self.critic(fake))
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        self._set_grad(self.d_params, True)
+        return loss.detach()
+
+    def q_step(self) -> torch.Tensor:
+        """One update of L_Q = lambda2 * CE(Q(G(z, c)), c) over G, Q's head (and the trunk
+        when ``q_trains_trunk``); returns L_Q."""
+        self._set_grad(list(self.d_head.parameters()), False)
+        self._set_grad(list(self.trunk.parameters()), self.config.q_trains_trunk)
+        with self._amp():
+            fake, c = self.generate(self.config.batch_size)
+            logits = self.q_head(self.trunk(fake))
+        loss = self.config.lambda_q * info_loss(logits, c)
+        self.opt_q.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_q.step()
+        self._set_grad(self.d_params, True)
+        return loss.detach()
+
+    # -- state
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """CPU copies of every network's state dict."""
+        return {name: {key: v.detach().cpu() for key, v in m.state_dict().items()}
+                for name, m in self.nets.items()}
+
+    def optimiser_state(self) -> dict[str, Any]:
+        return {"opt_d": self.opt_d.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_q": self.opt_q.state_dict()}
+
+    def load(self, weights: dict[str, Any], train_state: dict[str, Any]) -> None:
+        for name, module in self.nets.items():
+            module.load_state_dict(weights[name])
+        self.opt_d.load_state_dict(train_state["opt_d"])
+        self.opt_g.load_state_dict(train_state["opt_g"])
+        self.opt_q.load_state_dict(train_state["opt_q"])
+
+
+def train_infogan(
+    crops: np.ndarray,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    resume: bool = True,
+    log_every: int = 50,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> Path:
+    """Train G, D and Q on unlabelled 32 x 32 crops and write one checkpoint file.
+
+    Parameters
+    ----------
+    crops : ndarray of uint8, shape (N, 32, 32, 3)
+        Cell crops (RGB, nucleus centred, background white as in Hu et al.).
+    config : TrainConfig
+        Architecture, optimisation and schedule.
+    out : str or Path
+        Checkpoint path. Written atomically every ``config.checkpoint_every`` iterations
+        and at the end.
+    device : str, torch.device or None
+        Training device; None picks CUDA when available, else CPU.
+    resume : bool
+        If ``out`` exists, continue from its saved iteration (same architecture and same
+        number of crops required); if its iteration already reaches the schedule, return
+        at once. With ``resume=False`` an existing file is overwritten.
+    log_every : int
+        Iterations between progress records (means of the losses since the last record).
+    progress : callable or None
+        Called with each progress record (``iteration``, ``total``, ``loss_d``, ``loss_g``,
+        ``loss_q``, ``gp``, ``w_dist``, ``it_per_s``); None logs it with :mod:`logging`.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    References
+    ----------
+    .. [1] B. Hu et al., IEEE JBHI 23(3), 2019, section III-B (losses and schedule).
+    """
+    crops = validate_crops(crops)
+    out = Path(out)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cudnn.deterministic = config.deterministic
+    total = config.total_iterations(len(crops))
+    per_epoch = config.iterations_per_epoch(len(crops))
+    gen = torch.Generator().manual_seed(config.seed)
+    trainer = InfoGANTrainer(config, dev, gen)
+    data_t = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(dev)
+    batches = _RealBatches(data_t, config.batch_size, config.rotations, gen)
+
+    start_it, time_before, history = 0, 0.0, []
+    if resume and out.exists():
+        ckpt = load_checkpoint(out)
+        saved = ckpt["config"]
+        diff = [key for key in ARCH_KEYS if saved.get(key) != getattr(config, key)]
+        if diff:
+            raise CheckpointError(out, "cannot resume: architecture differs in "
+                                  + ", ".join(f"{key} ({saved.get(key)} saved, "
+                                              f"{getattr(config, key)} asked)" for key in diff))
+        state = ckpt.get("train_state")
+        if state is None:
+            raise CheckpointError(out, "cannot resume: checkpoint has no training state")
+        trainer.load(ckpt["weights"], state)
+        gen.set_state(state["rng"])
+        batches.load_state(state["data"])
+        start_it = int(ckpt["summary"]["iteration"])
+        time_before = float(ckpt["summary"]["time_s"])
+        history = list(ckpt["summary"].get("history", []))
+        if start_it >= total:
+            return out
+
+    acc = torch.zeros(5, device=dev)  # sums of loss_d, gp, w_dist, loss_g, loss_q
+    n_acc = 0
+    t_run = time.perf_counter()
+    t_log, it_log = t_run, start_it
+
+    def snapshot(iteration: int) -> None:
+        summary = {
+            "iteration": iteration, "total_iterations": total,
+            "iterations_per_epoch": per_epoch, "epochs_done": iteration / per_epoch,
+            "n_crops": len(crops), "time_s": time_before + time.perf_counter() - t_run,
+            "seed": config.seed, "device": str(dev), "versions": _versions(),
+            "history": history,
+        }
+        train_state = {**trainer.optimiser_state(), "rng": gen.get_state(),
+                       "data": batches.state()}
+        save_checkpoint({"config": config.to_dict(), "weights": trainer.weights(),
+                         "summary": summary, "train_state": train_state}, out)
+
+    for it in range(start_it, total):
+        for _ in range(config.n_critic):
+            loss_d, gp, w_dist = trainer.critic_step(batches.next())
+        loss_g = trainer.generator_step()
+        loss_q = trainer.q_step()
+        acc += torch.stack([loss_d, gp, w_dist, loss_g, loss_q])
+        n_acc += 1
+        done = it + 1
+        if done % log_every == 0 or done == total:
+            now = time.perf_counter()
+            means = (acc / n_acc).tolist()
+            rec = {"iteration": done, "total": total, "loss_d": means[0], "gp": means[1],
+                   "w_dist": means[2], "loss_g": means[3], "loss_q": means[4],
+                   "it_per_s": (done - it_log) / max(now - t_log, 1e-9)}
+            history.append(rec)
+            (progress or _log_progress)(rec)
+            acc.zero_()
+            n_acc, t_log, it_log = 0, now, done
+        if done % config.checkpoint_every == 0 and done != total:
+            snapshot(done)
+    snapshot(max(total, start_it))
+    return out
+
+
+def _log_progress(rec: dict[str, float]) -> None:
+    log.info("it %d/%d  %.2f it/s  L_D %.3f (GP %.3f, W %.3f)  L_G %.3f  L_Q %.3f",
+             rec["iteration"], rec["total"], rec["it_per_s"], rec["loss_d"], rec["gp"],
+             rec["w_dist"], rec["loss_g"], rec["loss_q"])
