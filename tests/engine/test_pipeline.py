@@ -264,3 +264,41 @@ def test_killed_client_resumes_to_the_same_outputs(tmp_path):
         for var in ("counts", "cells", "tissue"):
             np.testing.assert_array_equal(ga[var][:], gb[var][:])
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
+
+
+def test_killed_worker_costs_nothing(cohort, tmp_path, counted):
+    """SIGKILL of one of two worker processes mid-run: Dask recomputes what it held and the
+    census equals the undisturbed one (no state lives only in a worker)."""
+    import signal
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    ref_out, ref = counted
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        killed = threading.Event()
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                busy = client.processing()
+                if any(any("segment_tile_task" in str(k) for k in keys)
+                       for keys in busy.values()):
+                    time.sleep(0.3)
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.02)
+
+        t = threading.Thread(target=kill_when_busy, daemon=True)
+        t.start()
+        table = run_cohort(cohort, tmp_path, client=client, params=PARAMS)
+        t.join(5)
+    assert killed.is_set(), "no worker was killed: the test did not exercise a loss"
+    pd.testing.assert_frame_equal(table.drop(columns=["seconds"]),
+                                  ref.drop(columns=["seconds"]))
+    for sid in ("synth_000_normal", "synth_001_abnormal"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cells" / f"{sid}.parquet"),
+                                      pd.read_parquet(ref_out / "cells" / f"{sid}.parquet"))
