@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ import pandas as pd
 from ..errors import InvalidInputError, SlidecensusError
 from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask_rgb
 from .cohort import read_cohort, safe_name
+from .outputs import OutputDir
 from .segment import (
     CELL_COLUMNS,
     DEFAULT_MPP,
@@ -173,7 +173,7 @@ def region_counts(x_px: np.ndarray, y_px: np.ndarray, clusters: np.ndarray, k: i
     return np.bincount(flat, minlength=rows * cols * k).reshape(rows, cols, k)
 
 
-def finish_slide(slide_id: str, out_dir: str, plan: SlidePlan, k: int,
+def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
                  tiles: list[tuple[pd.DataFrame, np.ndarray]],
                  classes: list[tuple[np.ndarray, np.ndarray]], params: CensusParams) -> dict:
     """Assemble one slide on a worker: write its cell table, return its region maps."""
@@ -194,8 +194,7 @@ def finish_slide(slide_id: str, out_dir: str, plan: SlidePlan, k: int,
         if f"p_{j}" not in cells:
             cells[f"p_{j}"] = np.float32(np.nan)
     cells.insert(0, "slide_id", slide_id)
-    path = Path(out_dir) / "cells" / f"{safe_name(slide_id)}.parquet"
-    write_parquet_atomic(cells, path)
+    out.write_parquet(f"cells/{safe_name(slide_id)}.parquet", cells)
     grid = region_grid(plan.shape, plan.mpp, params.region_um)
     counts = region_counts(cells["x_px"].to_numpy(), cells["y_px"].to_numpy(),
                            cells["cluster"].to_numpy(), k, grid)
@@ -217,35 +216,7 @@ def finish_slide(slide_id: str, out_dir: str, plan: SlidePlan, k: int,
 # ------------------------------------------------------------------ outputs
 
 
-def write_parquet_atomic(table: pd.DataFrame, path: Path) -> None:
-    """Write Parquet under a temporary name, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
-
-
-def write_census_group(store: Path, slide_id: str, res: dict, plan: SlidePlan, k: int,
+def write_census_group(out: OutputDir, slide_id: str, res: dict, plan: SlidePlan, k: int,
                        region_um: float) -> None:
     """Write one slide's proportion maps as a Zarr v3 group of ``census.zarr``."""
     import xarray as xr
@@ -269,7 +240,8 @@ def write_census_group(store: Path, slide_id: str, res: dict, plan: SlidePlan, k
         attrs={"slide_id": slide_id, "path": plan.path, "mpp": plan.mpp,
                "region_um": region_um, "shape_px": list(plan.shape)},
     )
-    ds.to_zarr(store, group=safe_name(slide_id), mode="w", zarr_format=3, consolidated=False)
+    ds.to_zarr(out.url("census.zarr"), group=safe_name(slide_id), mode="w", zarr_format=3,
+               consolidated=False)
 
 
 # ------------------------------------------------------------------ the run
@@ -306,7 +278,7 @@ def _has_gpu_worker(client: Any) -> bool:
     return any(w.get("resources", {}).get("GPU", 0) > 0 for w in info.values())
 
 
-def _schedule_slide(client: Any, row: pd.Series, out: Path, model: str | None, k: int,
+def _schedule_slide(client: Any, row: pd.Series, out: OutputDir, model: str | None, k: int,
                     params: CensusParams, gpu: bool, batch_tiles: int) -> Any:
     """Submit one slide's graph; returns (plan future, result future)."""
     path, mpp = row["path"], row.get("mpp")
@@ -322,7 +294,7 @@ def _schedule_slide(client: Any, row: pd.Series, out: Path, model: str | None, k
         group = tiles[i : i + batch_tiles]
         classes.append(client.submit(classify_task, model, *group, pure=False, **res_kw))
     flat = client.submit(_flatten, *classes, pure=False)
-    result = client.submit(finish_slide, row["slide_id"], str(out), plan_v, max(k, 1),
+    result = client.submit(finish_slide, row["slide_id"], out, plan_v, max(k, 1),
                            tiles, flat, params, pure=False)
     return plan_v, result, len(plan_v.tiles)
 
@@ -333,7 +305,7 @@ def _flatten(*groups: list) -> list:
 
 def run_cohort(
     cohort: str | os.PathLike | pd.DataFrame,
-    out: str | os.PathLike,
+    out: str | os.PathLike | OutputDir,
     *,
     model: str | os.PathLike | None = None,
     client: Any | None = None,
@@ -347,26 +319,28 @@ def run_cohort(
     Parameters
     ----------
     cohort : CSV / folder / glob (see :func:`read_cohort`) or a table with ``slide_id, path``.
-    out : output folder: ``slides.csv``, ``census.zarr``, ``cells/<slide_id>.parquet``,
+    out : output folder, a local path or an fsspec URL such as ``s3://bucket/run``
+        (credentials from the environment): ``slides.csv``, ``census.zarr``,
+        ``cells/<slide_id>.parquet``,
         ``manifest.json`` and ``slides/<slide_id>.json`` (the per-slide commit records).
     model : checkpoint of a trained model; without it cells are counted, not classified.
     client : a ``distributed.Client``; else one is made from ``cluster``.
     slides_in_flight : slides whose graphs are on the cluster at once (bounded graph size).
     """
     params = params or CensusParams()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out if isinstance(out, OutputDir) else OutputDir(out)
+    out.makedirs()
     table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
     model = str(model) if model is not None else None
     if model is not None and not Path(model).is_file():
         raise InvalidInputError(f"model checkpoint {model} does not exist")
     k = _model_k(model)
-    _remove_stale_temporaries(out)
+    out.remove_stale_temporaries()
     digest = {"params": params.digest(), "model": _model_digest(model),
               "schema": SCHEMA_VERSION}
-    write_json_atomic({"params": asdict(params), "digest": digest, "model": model,
-                       "versions": _versions(), "cohort": str(cohort) if not isinstance(
-                           cohort, pd.DataFrame) else "<table>"}, out / "manifest.json")
+    out.write_json("manifest.json", {
+        "params": asdict(params), "digest": digest, "model": model, "versions": _versions(),
+        "cohort": str(cohort) if not isinstance(cohort, pd.DataFrame) else "<table>"})
     if client is None:
         from ..cluster import get_client
 
@@ -424,8 +398,7 @@ def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, di
         row, plan, t0, n_tiles = pending.pop(fut)
         try:
             res = fut.result()
-            zstore = out / "census.zarr"
-            write_census_group(zstore, row["slide_id"], res, plan, max(k, 1), params.region_um)
+            write_census_group(out, row["slide_id"], res, plan, max(k, 1), params.region_um)
             props = (np.asarray(res["per_cluster"], float) / res["n_classified"]
                      if res["n_classified"] else np.full(max(k, 1), np.nan))
             rec = {"status": "ok", "error": "", "n_cells": res["n_cells"],
@@ -447,31 +420,20 @@ def _failed(row: pd.Series, exc: BaseException, digest: dict, t0: float) -> dict
             time.perf_counter() - t0, "digest": digest}
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete half-written files an interrupted run left (they are never read)."""
-    for folder in (out, out / "cells", out / "slides"):
-        if folder.is_dir():
-            for p in folder.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
+def _record_path(slide_id: str) -> str:
+    return f"slides/{safe_name(slide_id)}.json"
 
 
-def _record_path(out: Path, slide_id: str) -> Path:
-    return out / "slides" / f"{safe_name(slide_id)}.json"
+def _load_record(out: OutputDir, slide_id: str) -> dict | None:
+    rec = out.read_json(_record_path(slide_id))
+    return rec if isinstance(rec, dict) else None
 
 
-def _load_record(out: Path, slide_id: str) -> dict | None:
-    p = _record_path(out, slide_id)
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
+def _write_record(out: OutputDir, slide_id: str, rec: dict) -> None:
+    out.write_json(_record_path(slide_id), rec)
 
 
-def _write_record(out: Path, slide_id: str, rec: dict) -> None:
-    write_json_atomic(rec, _record_path(out, slide_id))
-
-
-def _write_slides_csv(out: Path, table: pd.DataFrame, records: dict[str, dict],
+def _write_slides_csv(out: OutputDir, table: pd.DataFrame, records: dict[str, dict],
                       k: int) -> pd.DataFrame:
     rows = []
     for _, r in table.iterrows():
@@ -489,9 +451,7 @@ def _write_slides_csv(out: Path, table: pd.DataFrame, records: dict[str, dict],
             row["seconds"] = round(rec.get("seconds", 0.0), 3)
         rows.append(row)
     df = pd.DataFrame(rows)
-    tmp = out / ".slides.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out / "slides.csv")
+    out.write_csv("slides.csv", df)
     return df
 
 
