@@ -57,6 +57,8 @@ class CensusParams:
     crop_size: int = 32
     masked_crops: bool = True
     min_tissue: float = 0.0
+    gallery_crops: int = 256
+    seed: int = 0
     segment: SegmentParams = field(default_factory=SegmentParams)
 
     def digest(self) -> str:
@@ -195,6 +197,7 @@ def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
             cells[f"p_{j}"] = np.float32(np.nan)
     cells.insert(0, "slide_id", slide_id)
     out.write_parquet(f"cells/{safe_name(slide_id)}.parquet", cells)
+    write_crop_sample(out, slide_id, [c for _, c in tiles], cells, params)
     grid = region_grid(plan.shape, plan.mpp, params.region_um)
     counts = region_counts(cells["x_px"].to_numpy(), cells["y_px"].to_numpy(),
                            cells["cluster"].to_numpy(), k, grid)
@@ -214,6 +217,32 @@ def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
 
 
 # ------------------------------------------------------------------ outputs
+
+
+def write_crop_sample(out: OutputDir, slide_id: str, crops: list[np.ndarray],
+                      cells: pd.DataFrame, params: CensusParams) -> None:
+    """A seeded sample of the slide's crops (for cluster galleries) as a Zarr array
+    ``crops.zarr/<slide_id>`` (n, 32, 32, 3) with ``cell_id`` and ``cluster`` attributes."""
+    import zlib
+
+    import zarr
+
+    allc = np.concatenate(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    if len(allc) != len(cells):  # crops and rows come from the same tiles, in order
+        raise RuntimeError(f"{slide_id}: {len(allc)} crops for {len(cells)} cells")
+    rng = np.random.default_rng([params.seed, zlib.crc32(slide_id.encode())])
+    n = min(params.gallery_crops, len(allc))
+    idx = np.sort(rng.choice(len(allc), n, replace=False)) if n else np.zeros(0, np.int64)
+    sample = allc[idx]
+    arr = zarr.create_array(out.url(f"crops.zarr/{safe_name(slide_id)}"), shape=sample.shape,
+                            chunks=(max(n, 1), *sample.shape[1:]), dtype=np.uint8,
+                            overwrite=True, zarr_format=3,
+                            attributes={"slide_id": slide_id,
+                                        "cell_id": cells["cell_id"].to_numpy()[idx].tolist(),
+                                        "cluster": cells["cluster"].to_numpy()[idx].tolist()})
+    if n:
+        arr[:] = sample
+
 
 
 def write_census_group(out: OutputDir, slide_id: str, res: dict, plan: SlidePlan, k: int,
@@ -336,6 +365,9 @@ def run_cohort(
         raise InvalidInputError(f"model checkpoint {model} does not exist")
     k = _model_k(model)
     out.remove_stale_temporaries()
+    import zarr
+
+    zarr.open_group(out.url("crops.zarr"), mode="a", zarr_format=3)  # workers add arrays
     digest = {"params": params.digest(), "model": _model_digest(model),
               "schema": SCHEMA_VERSION}
     out.write_json("manifest.json", {
@@ -360,13 +392,19 @@ def run_cohort(
         else:
             todo.append(row)
     log.info("%d slides: %d complete, %d to do", len(table), len(records), len(todo))
+    if getattr(client, "dashboard_link", None):
+        log.info("Dask dashboard: %s", client.dashboard_link)
+    total_cells = sum(int(r.get("n_cells", 0)) for r in records.values())
     for row, rec in _stream(client, todo, out, model, k, params, gpu, batch_tiles,
                             slides_in_flight, digest):
         records[row["slide_id"]] = rec
         _write_record(out, row["slide_id"], rec)
         _write_slides_csv(out, table, records, k)
-        log.info("%s: %s, %s cells (%d/%d)", row["slide_id"], rec["status"],
-                 rec.get("n_cells", 0), len(records), len(table))
+        total_cells += int(rec.get("n_cells", 0))
+        detail = (f"{rec.get('tiles_done', 0)} tiles, {rec['n_cells']} cells"
+                  if rec["status"] == "ok" else rec["error"])
+        log.info("[%d/%d slides, %d cells] %s: %s (%s)", len(records), len(table),
+                 total_cells, row["slide_id"], rec["status"], detail)
     return _write_slides_csv(out, table, records, k)
 
 

@@ -168,6 +168,14 @@ def test_classified_census_proportions(cohort, client, tiny_model, tmp_path):
         dtype=float), counts, atol=1e-9)
     g = zarr.open_group(tmp_path / "census.zarr", mode="r")["synth_001_abnormal"]
     assert np.asarray(g["counts"][:]).sum() == len(cells)
+    # gallery sample: seeded crops whose attributes point back at their cells
+    sample = zarr.open_group(tmp_path / "crops.zarr", mode="r")["synth_001_abnormal"]
+    assert sample.shape == (min(256, len(cells)), 32, 32, 3)
+    ids = np.asarray(sample.attrs["cell_id"])
+    by_id = cells.set_index("cell_id")
+    np.testing.assert_array_equal(sample.attrs["cluster"], by_id.loc[ids, "cluster"].to_numpy())
+    crops = np.asarray(sample[:])
+    assert (crops < 200).any(axis=(1, 2, 3)).all()  # every crop holds a stained nucleus
 
 
 def _free_port() -> int:
