@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InvalidInputError
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class ClusterSpec:
 
 
 def parse_spec(spec: str | None) -> ClusterSpec:
-    """Parse a ``--cluster`` string; raises ValueError naming the accepted forms."""
+    """Parse a ``--cluster`` string; raises InvalidInputError naming the accepted forms."""
     s = (spec or "local").strip()
     if s == "local":
         return ClusterSpec("local")
@@ -44,14 +46,14 @@ def parse_spec(spec: str | None) -> ClusterSpec:
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"local:N needs a positive worker count, got {spec!r}")
+            raise InvalidInputError(f"local:N needs a positive worker count, got {spec!r}")
         return ClusterSpec("local", n_workers=n)
     if s.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         return ClusterSpec("address", address=s)
     if s == "kubernetes" or s.startswith("kubernetes:"):
         name = s.split(":", 1)[1] if ":" in s else None
         return ClusterSpec("kubernetes", name=name or "slidecensus")
-    raise ValueError(f"unknown cluster spec {spec!r}; expected local, local:N, "
+    raise InvalidInputError(f"unknown cluster spec {spec!r}; expected local, local:N, "
                      f"tcp://host:port or kubernetes[:NAME]")
 
 
@@ -85,7 +87,7 @@ def get_client(spec: str | None = "local", *, memory_limit: str = "auto",
             yield client
         return
     if cs.kind == "kubernetes":
-        raise NotImplementedError(
+        raise InvalidInputError(
             "--cluster kubernetes is not available yet (deployment issue); use tcp://ADDRESS "
             "of a scheduler started by the Dask operator")
     n = cs.n_workers or default_workers()
