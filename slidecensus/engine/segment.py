@@ -88,8 +88,8 @@ class PixelParams:
     """:class:`SegmentParams` converted to pixels (see :meth:`SegmentParams.for_mpp`).
 
     ``bin`` is the integer binning from the image to the working resolution; ``mpp`` and all
-    ``*_px`` values except ``halo_px`` are at the working resolution; ``halo_px`` is in
-    pixels of the input image (a multiple of ``bin``).
+    ``*_px`` values except ``halo_px`` and ``edge_sliver_px`` are at the working resolution;
+    those two are in pixels of the input image (``halo_px`` a multiple of ``bin``).
     """
 
     mpp: float
@@ -103,6 +103,8 @@ class PixelParams:
     split_smooth_px: float
     split_min_distance_px: int
     halo_px: int
+    max_eccentricity: float = 1.0
+    edge_sliver_px: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,15 @@ class SegmentParams:
         Gaussian sigma applied to the distance transform before finding split markers.
     split_min_distance_um : float
         Smallest distance between two markers of the watershed split.
+    max_eccentricity : float
+        Objects more elongated than this (eccentricity of the moment ellipse; 0.9 is an axis
+        ratio of 2.3) are dropped: spindle-shaped stromal and endothelial nuclei and streaks,
+        which the census of marrow cells does not count. 1 keeps all.
+    edge_sliver_um : float
+        A nucleus cut by the edge of the image data (the read window's edge; inside a slide
+        that edge is in the halo, so only the slide's own border counts) whose visible part
+        has its centroid closer than this to that edge is a sliver and dropped: less than
+        about half of it is in the image. 0 keeps all.
     halo_um : float
         Halo of tiles: at least the diameter of the largest nucleus.
     work_mpp : float
@@ -143,6 +154,8 @@ class SegmentParams:
     opening_um: float = 1.75
     split_smooth_um: float = 0.25
     split_min_distance_um: float = 2.0
+    max_eccentricity: float = 0.9
+    edge_sliver_um: float = 1.5
     halo_um: float = 24.0
     work_mpp: float = 0.5
 
@@ -154,8 +167,12 @@ class SegmentParams:
         for name in ("min_area_um2", "max_area_um2", "halo_um", "work_mpp"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.max_eccentricity <= 1.0:
+            raise InvalidInputError(
+                f"max_eccentricity must be in (0, 1], got {self.max_eccentricity}"
+            )
         for name in ("smooth_um", "protrusion_um", "opening_um", "split_smooth_um",
-                     "split_min_distance_um"):
+                     "split_min_distance_um", "edge_sliver_um"):
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -191,6 +208,8 @@ class SegmentParams:
             split_smooth_px=self.split_smooth_um / mpp,
             split_min_distance_px=max(1, round(self.split_min_distance_um / mpp)),
             halo_px=halo,
+            max_eccentricity=float(self.max_eccentricity),
+            edge_sliver_px=self.edge_sliver_um / (mpp / f),  # in pixels of the input image
         )
 
 
@@ -440,6 +459,20 @@ def _bin_rgb(rgb: np.ndarray, f: int) -> np.ndarray:
     return acc.astype(np.float32) * np.float32(1.0 / (f * f))
 
 
+def _shape_rejects(table: pd.DataFrame, pp: PixelParams, shape) -> np.ndarray:
+    """Rows to drop: too elongated, or a sliver cut by the edge of the image data."""
+    drop = table["eccentricity"].to_numpy() > pp.max_eccentricity
+    m = pp.edge_sliver_px
+    if m > 0 and len(table):
+        h, w = shape
+        x, y = table["x_px"].to_numpy(), table["y_px"].to_numpy()
+        drop |= (table["bbox_x0"].to_numpy() <= 0) & (x + 0.5 < m)
+        drop |= (table["bbox_y0"].to_numpy() <= 0) & (y + 0.5 < m)
+        drop |= (table["bbox_x1"].to_numpy() >= w) & (w - 0.5 - x < m)
+        drop |= (table["bbox_y1"].to_numpy() >= h) & (h - 0.5 - y < m)
+    return drop
+
+
 def _segment(rgb, stain_model, params, mpp, core, want_labels=False):
     rgb = as_rgb8(rgb)
     pp = params.for_mpp(mpp)
@@ -449,6 +482,12 @@ def _segment(rgb, stain_model, params, mpp, core, want_labels=False):
     h, e = stain_concentrations(_bin_rgb(rgb, pp.bin), stain_model)
     labels = label_nuclei(h, pp)
     table = measure_cells(labels, h, e, pp.mpp / pp.bin, core, scale=pp.bin)
+    drop = _shape_rejects(table, pp, rgb.shape[:2])
+    if drop.any():
+        gone = np.zeros(int(labels.max()) + 1, bool)
+        gone[table["cell_id"].to_numpy()[drop]] = True
+        labels[gone[labels]] = 0
+        table = table[~drop].reset_index(drop=True)
     if want_labels and pp.bin > 1:
         f = pp.bin
         labels = np.repeat(np.repeat(labels, f, axis=0), f, axis=1)[: rgb.shape[0], : rgb.shape[1]]
@@ -547,11 +586,12 @@ def _write_parquet_atomic(table: pd.DataFrame, out: Path) -> None:
         raise
 
 
-def _stain_sample(slide, max_side: int = 512):
+def _stain_sample(slide, max_side: int = 512, with_mask: bool = True):
     """A small RGB image of the whole slide and its tissue mask (a ``TissueMask``).
 
     The coarsest level no smaller than about 2048 px is read whole and strided down to at
-    most ``max_side`` px; the tissue mask comes from ``tissue_mask_rgb`` on that image.
+    most ``max_side`` px; the tissue mask comes from ``tissue_mask_rgb`` on that image
+    (``None`` when ``with_mask`` is false).
     """
     from ..tiling import TissueMask, tissue_mask_rgb
 
@@ -561,6 +601,8 @@ def _stain_sample(slide, max_side: int = 512):
     rgb = as_rgb8(slide.read_region(lvl, 0, 0, lw, lh))
     k = max(1, -(-max(lh, lw) // max_side))
     small = np.ascontiguousarray(rgb[::k, ::k])
+    if not with_mask:
+        return small, None
     try:
         mask = np.asarray(tissue_mask_rgb(small), bool)
     except ValueError:  # degenerate thumbnails (e.g. a single pixel) use the brightness mask
@@ -608,14 +650,17 @@ def segment_file(
         slide_mpp = slide.mpp if slide.mpp is not None else (mpp or DEFAULT_MPP)
         pp = params.for_mpp(slide_mpp)
         tile_size = max(pp.bin, tile_size - tile_size % pp.bin)
-        sample, tmask = _stain_sample(slide)
+        tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0)
+        # the tissue mask only drops tiles without tissue: a one-tile plan never drops its
+        # tile (a mask of >= 100 pixels covers it), so the mask is computed only for more
+        sample, tmask = _stain_sample(slide, with_mask=len(tiles) > 1)
         # the brightness mask of estimate_stain_model (what the parameters were tuned with);
         # the saturation-based tissue mask only drops tiles without tissue
         use = tmask.mask if tmask is not None and tmask.mask.sum() >= 100 else None
         model = estimate_stain_model(sample)
         log.debug("stain model from %d pixels: %s", model.n_pixels, model)
-        tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0,
-                           mask=tmask if use is not None else None)
+        if use is not None:
+            tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0, mask=tmask)
         parts = []
         for t in tiles:
             rgb = slide.read_region(0, t.rx, t.ry, t.rw, t.rh)

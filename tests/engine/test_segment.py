@@ -37,7 +37,8 @@ def test_params_convert_physical_units():
 
 
 @pytest.mark.parametrize("bad", [{"hematoxylin_threshold": 300}, {"min_area_um2": 0},
-                                 {"opening_um": -1}])
+                                 {"opening_um": -1}, {"max_eccentricity": 0},
+                                 {"max_eccentricity": 1.5}, {"edge_sliver_um": -1}])
 def test_params_refuse_bad_values(bad):
     with pytest.raises(InvalidInputError):
         G.SegmentParams(**bad)
@@ -145,16 +146,32 @@ def test_tiles_equal_whole_image(marrow):
     assert gaps.min() > 2.0
 
 
+def test_edge_slivers_and_spindles_dropped():
+    """A nucleus cut by the image edge with little of it inside, and a spindle, are dropped;
+    a nucleus cut by the edge with most of it inside is kept, in the table and the labels."""
+    img = _synthetic([(120, 100), (230, 150)], radius=12)  # the right one is cut by the edge
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    img[(xx + 14) ** 2 + (yy - 50) ** 2 <= 22**2] = NUCLEUS  # 8 px of it visible: a sliver
+    img[((xx - 60) / 26.0) ** 2 + ((yy - 160) / 6.0) ** 2 <= 1] = NUCLEUS  # axis ratio 4.3
+    labels, table = G.segment_image(img, mpp=0.25, stain_model=StainModel.identity())
+    assert sorted(np.round(table["x_px"]).astype(int) // 10) == [12, 23]
+    assert set(np.unique(labels[labels > 0])) == set(table["cell_id"])
+    keep_all = G.SegmentParams(max_eccentricity=1.0, edge_sliver_um=0.0)
+    _, table_all = G.segment_image(img, mpp=0.25, stain_model=StainModel.identity(),
+                                   params=keep_all)
+    assert len(table_all) == 4
+
+
 def test_accuracy_floor_on_bone_marrow(marrow, shared_data, marrow_pngs):
-    """Same parameters on every image; measured F1 0.862 (P 0.81, R 0.93) on these 8."""
+    """Same parameters on every image; measured F1 0.864 (P 0.82, R 0.92) on these 8."""
     total = DetectionCounts(0, 0, 0)
     for img, path in zip(marrow, marrow_pngs, strict=True):
         ann = np.loadtxt(shared_data / "bone-marrow-he" / "annotations" / (path.stem + ".txt"),
                          skiprows=1)[:, :2]
         _, table = G.segment_image(img)
         total = total + detection_counts(table[["x_px", "y_px"]].to_numpy(), ann, 12.0)
-    assert total.f1 >= 0.85
-    assert total.precision >= 0.78 and total.recall >= 0.90
+    assert total.f1 >= 0.855
+    assert total.precision >= 0.80 and total.recall >= 0.90
 
 
 def test_segment_file_png_and_svs(marrow_pngs, cmu_svs, tmp_path):
