@@ -40,6 +40,7 @@ from .segment import (
     SegmentParams,
     empty_cell_table,
     segment_tile_with_labels,
+    shift_cells,
 )
 from .stain import StainModel, estimate_stain_model
 
@@ -104,20 +105,16 @@ def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
     """Read one tile with its halo and segment it; returns (cells in level-0 px, crops)."""
     from .crops import extract_crops
 
+    if tile.level != 0:  # coordinates below are level-0 offsets
+        raise InvalidInputError("the census segments level 0 (tiles of coarser levels are "
+                                "not supported yet)")
     slide = cached_slide(path, mpp=mpp)
     rgb = slide.read_region(tile.level, tile.rx, tile.ry, tile.rw, tile.rh)
     labels, table = segment_tile_with_labels(rgb, stain, params.segment, tile.core_in_read,
                                              plan_mpp)
     crops = extract_crops(rgb, labels, table, size=params.crop_size,
                           masked=params.masked_crops)
-    if len(table):
-        for c in ("x_px", "bbox_x0", "bbox_x1"):
-            table[c] += tile.rx
-        for c in ("y_px", "bbox_y0", "bbox_y1"):
-            table[c] += tile.ry
-        table["x_um"] = table["x_px"] * plan_mpp
-        table["y_um"] = table["y_px"] * plan_mpp
-    return table, crops
+    return shift_cells(table, tile.rx, tile.ry, plan_mpp), crops
 
 
 def classify_task(model_path: str | None, *tiles: tuple[pd.DataFrame, np.ndarray]

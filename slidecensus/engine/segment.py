@@ -494,6 +494,21 @@ def _segment(rgb, stain_model, params, mpp, core, want_labels=False):
     return labels, table
 
 
+def shift_cells(table: pd.DataFrame, dx: int, dy: int, mpp: float) -> pd.DataFrame:
+    """Move a tile's cell table from read-window to slide (level-0) coordinates, in place.
+
+    Pixel columns are offset by the window's origin (``dx``, ``dy``) and the µm columns
+    recomputed at ``mpp``; returns the same table.
+    """
+    for c in ("x_px", "bbox_x0", "bbox_x1"):
+        table[c] += dx
+    for c in ("y_px", "bbox_y0", "bbox_y1"):
+        table[c] += dy
+    table["x_um"] = table["x_px"] * mpp
+    table["y_um"] = table["y_px"] * mpp
+    return table
+
+
 def segment_tile_with_labels(
     rgb_with_halo: np.ndarray,
     stain_model: StainModel,
@@ -666,13 +681,7 @@ def segment_file(
             rgb = slide.read_region(0, t.rx, t.ry, t.rw, t.rh)
             tab = segment_tile(rgb, model, params, core=t.core_in_read, mpp=slide_mpp)
             if len(tab):
-                for c in ("x_px", "bbox_x0", "bbox_x1"):
-                    tab[c] += t.rx
-                for c in ("y_px", "bbox_y0", "bbox_y1"):
-                    tab[c] += t.ry
-                tab["x_um"] = tab["x_px"] * slide_mpp
-                tab["y_um"] = tab["y_px"] * slide_mpp
-                parts.append(tab)
+                parts.append(shift_cells(tab, t.rx, t.ry, slide_mpp))
     table = pd.concat(parts, ignore_index=True) if parts else empty_cell_table()
     table["cell_id"] = np.arange(len(table), dtype=np.int64)
     table = table.astype(CELL_COLUMNS)

@@ -136,8 +136,10 @@ def test_tile_size_does_not_change_the_census(counted, cohort, client, tmp_path)
     assert other.status.tolist() == ["ok", "ok", "failed"]
 
 
-def test_rerun_resumes_and_parameter_change_recomputes(counted, cohort, client):
-    out, table = counted
+def test_rerun_resumes_and_parameter_change_recomputes(counted, cohort, client, tmp_path):
+    out = tmp_path / "copy"  # work on a copy: other tests compare against `counted`
+    shutil.copytree(counted[0], out)
+    table = counted[1]
     rec = out / "slides" / "synth_000_normal.json"
     cells = out / "cells" / "synth_000_normal.parquet"
     before = (rec.stat().st_mtime_ns, cells.stat().st_mtime_ns)
