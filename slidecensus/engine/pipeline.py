@@ -304,13 +304,25 @@ def _has_gpu_worker(client: Any) -> bool:
     return any(w.get("resources", {}).get("GPU", 0) > 0 for w in info.values())
 
 
-def _schedule_slide(client: Any, row: pd.Series, out: OutputDir, model: str | None, k: int,
-                    params: CensusParams, gpu: bool, batch_tiles: int) -> Any:
-    """Submit one slide's graph; returns (plan future, result future)."""
-    path, mpp = row["path"], row.get("mpp")
-    mpp = None if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)) else float(mpp)
-    plan = client.submit(plan_slide, path, mpp, params, pure=False,
-                         key=f"plan-{safe_name(row['slide_id'])}-{time.monotonic_ns()}")
+def _row_mpp(row: pd.Series) -> float | None:
+    mpp = row.get("mpp")
+    return None if mpp is None or (isinstance(mpp, float) and math.isnan(mpp)) else float(mpp)
+
+
+def _submit_plan(client: Any, row: pd.Series, params: CensusParams) -> Any:
+    """Plan a slide ahead of its tiles, at high priority (a plan is small and unblocks a
+    whole slide's tiles)."""
+    return client.submit(plan_slide, row["path"], _row_mpp(row), params, pure=False,
+                         priority=10,
+                         key=f"plan_slide-{safe_name(row['slide_id'])}-{time.monotonic_ns()}")
+
+
+def _schedule_slide(client: Any, row: pd.Series, plan: Any, out: OutputDir,
+                    model: str | None, k: int, params: CensusParams, gpu: bool,
+                    batch_tiles: int) -> Any:
+    """Submit one slide's graph once its plan is known; returns (plan, result future,
+    number of tiles)."""
+    path, mpp = row["path"], _row_mpp(row)
     plan_v = plan.result()
     tiles = [client.submit(segment_tile_task, path, mpp, plan_v.mpp, t, plan_v.stain, params,
                            pure=False) for t in plan_v.tiles]
@@ -412,15 +424,20 @@ def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, di
 
     pending: dict[Any, tuple[pd.Series, Any, float, int]] = {}
     queue = list(todo)
+    plans: dict[str, Any] = {}
     ac = as_completed()
 
     def submit_next() -> Iterator[tuple[pd.Series, dict]]:
         while queue and len(pending) < in_flight:
             row = queue.pop(0)
             t0 = time.perf_counter()
+            for ahead in queue[:in_flight]:  # plan the next slides while this one runs
+                if ahead["slide_id"] not in plans:
+                    plans[ahead["slide_id"]] = _submit_plan(client, ahead, params)
+            plan = plans.pop(row["slide_id"], None) or _submit_plan(client, row, params)
             try:
-                plan, fut, n_tiles = _schedule_slide(client, row, out, model, k, params, gpu,
-                                                     batch_tiles)
+                plan, fut, n_tiles = _schedule_slide(client, row, plan, out, model, k, params,
+                                                     gpu, batch_tiles)
             except Exception as exc:  # a bad slide fails alone, at planning
                 yield row, _failed(row, exc, digest, t0)
                 continue
