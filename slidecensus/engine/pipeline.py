@@ -22,6 +22,7 @@ import math
 import os
 import time
 import traceback
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,23 +118,41 @@ def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
     return shift_cells(table, tile.rx, tile.ry, plan_mpp), crops
 
 
-def classify_task(model_path: str | None, *tiles: tuple[pd.DataFrame, np.ndarray]
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Push the crops of several tiles through Q in large batches (model loaded once)."""
-    if model_path is None:
-        return [(np.full(len(t), -1, np.int64), np.zeros((len(t), 0), np.float32))
-                for t, _ in tiles]
-    from ..models import load_model, predict
+TileResult = tuple[pd.DataFrame, np.ndarray, np.ndarray]
+"""A tile after classification: its cells (with ``cluster`` and ``p_j``), a seeded sample
+of its crops for galleries, and those crops' row numbers in the tile's table."""
 
-    _match_torch_threads()
-    model = load_model(model_path)
-    crops = [c for _, c in tiles]
-    sizes = [len(c) for c in crops]
-    allc = np.concatenate(crops) if sum(sizes) else np.zeros((0, 32, 32, 3), np.uint8)
-    clusters, probs = predict(model, allc)
+
+def classify_task(model_path: str | None, seed: tuple[int, ...], first_tile: int,
+                  quota: int, *tiles: tuple[pd.DataFrame, np.ndarray]) -> list[TileResult]:
+    """Push the crops of several tiles through Q in large batches (model loaded once).
+
+    The crops stop here: what goes on to the slide's reduction is each tile's table, with
+    its clusters and probabilities, and at most ``quota`` sampled crops per tile (seeded by
+    ``seed`` and the tile's index), so a slide of a million cells never gathers its crops on
+    one worker.
+    """
+    sizes = [len(c) for _, c in tiles]
+    if model_path is None:
+        clusters = np.full(sum(sizes), -1, np.int64)
+        probs = np.zeros((sum(sizes), 0), np.float32)
+    else:
+        from ..models import load_model, predict
+
+        _match_torch_threads()
+        model = load_model(model_path)
+        allc = (np.concatenate([c for _, c in tiles]) if sum(sizes)
+                else np.zeros((0, 32, 32, 3), np.uint8))
+        clusters, probs = predict(model, allc)
     out, i = [], 0
-    for n in sizes:
-        out.append((clusters[i : i + n], probs[i : i + n]))
+    for j, ((table, crops), n) in enumerate(zip(tiles, sizes, strict=True)):
+        t = table.copy()
+        t["cluster"] = clusters[i : i + n].astype(np.int64)
+        for c in range(probs.shape[1]):
+            t[f"p_{c}"] = probs[i : i + n, c].astype(np.float32)
+        rng = np.random.default_rng([*seed, first_tile + j])
+        rows = np.sort(rng.choice(n, min(quota, n), replace=False)) if n else np.zeros(0, int)
+        out.append((t, crops[rows], rows.astype(np.int64)))
         i += n
     return out
 
@@ -173,18 +192,10 @@ def region_counts(x_px: np.ndarray, y_px: np.ndarray, clusters: np.ndarray, k: i
 
 
 def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
-                 tiles: list[tuple[pd.DataFrame, np.ndarray]],
-                 classes: list[tuple[np.ndarray, np.ndarray]], params: CensusParams) -> dict:
-    """Assemble one slide on a worker: write its cell table, return its region maps."""
-    parts = []
-    for (table, _), (cl, pr) in zip(tiles, classes, strict=True):
-        if not len(table):
-            continue
-        t = table.copy()
-        t["cluster"] = cl.astype(np.int64)
-        for j in range(pr.shape[1] if pr.ndim == 2 else 0):
-            t[f"p_{j}"] = pr[:, j].astype(np.float32)
-        parts.append(t)
+                 tiles: list[TileResult], params: CensusParams) -> dict:
+    """Assemble one slide on a worker: write its cell table and crop sample, return its
+    region maps (small arrays) for the client to commit."""
+    parts = [t for t, _, _ in tiles if len(t)]
     cells = pd.concat(parts, ignore_index=True) if parts else empty_cell_table().assign(
         cluster=pd.Series([], dtype="int64"))
     cells["cell_id"] = np.arange(len(cells), dtype=np.int64)
@@ -194,7 +205,13 @@ def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
             cells[f"p_{j}"] = np.float32(np.nan)
     cells.insert(0, "slide_id", slide_id)
     out.write_parquet(f"cells/{safe_name(slide_id)}.parquet", cells)
-    write_crop_sample(out, slide_id, [c for _, c in tiles], cells, params)
+    offsets = np.cumsum([0] + [len(t) for t, _, _ in tiles])
+    sample_ids = np.concatenate([rows + off for (_, _, rows), off in zip(tiles, offsets,
+                                                                         strict=False)]
+                                ) if tiles else np.zeros(0, np.int64)
+    sample = (np.concatenate([c for _, c, _ in tiles]) if tiles
+              else np.zeros((0, 32, 32, 3), np.uint8))
+    write_crop_sample(out, slide_id, sample, sample_ids.astype(np.int64), cells, params)
     grid = region_grid(plan.shape, plan.mpp, params.region_um)
     counts = region_counts(cells["x_px"].to_numpy(), cells["y_px"].to_numpy(),
                            cells["cluster"].to_numpy(), k, grid)
@@ -216,30 +233,23 @@ def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
 # ------------------------------------------------------------------ outputs
 
 
-def write_crop_sample(out: OutputDir, slide_id: str, crops: list[np.ndarray],
+def write_crop_sample(out: OutputDir, slide_id: str, crops: np.ndarray, cell_ids: np.ndarray,
                       cells: pd.DataFrame, params: CensusParams) -> None:
-    """A seeded sample of the slide's crops (for cluster galleries) as a Zarr array
+    """At most ``params.gallery_crops`` of the sampled crops (seeded) as a Zarr array
     ``crops.zarr/<slide_id>`` (n, 32, 32, 3) with ``cell_id`` and ``cluster`` attributes."""
-    import zlib
-
     import zarr
 
-    allc = np.concatenate(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
-    if len(allc) != len(cells):  # crops and rows come from the same tiles, in order
-        raise RuntimeError(f"{slide_id}: {len(allc)} crops for {len(cells)} cells")
     rng = np.random.default_rng([params.seed, zlib.crc32(slide_id.encode())])
-    n = min(params.gallery_crops, len(allc))
-    idx = np.sort(rng.choice(len(allc), n, replace=False)) if n else np.zeros(0, np.int64)
-    sample = allc[idx]
+    n = min(params.gallery_crops, len(crops))
+    keep = np.sort(rng.choice(len(crops), n, replace=False)) if n else np.zeros(0, np.int64)
+    sample, ids = crops[keep], cell_ids[keep]
     arr = zarr.create_array(out.url(f"crops.zarr/{safe_name(slide_id)}"), shape=sample.shape,
                             chunks=(max(n, 1), *sample.shape[1:]), dtype=np.uint8,
                             overwrite=True, zarr_format=3,
-                            attributes={"slide_id": slide_id,
-                                        "cell_id": cells["cell_id"].to_numpy()[idx].tolist(),
-                                        "cluster": cells["cluster"].to_numpy()[idx].tolist()})
+                            attributes={"slide_id": slide_id, "cell_id": ids.tolist(),
+                                        "cluster": cells["cluster"].to_numpy()[ids].tolist()})
     if n:
         arr[:] = sample
-
 
 
 def write_census_group(out: OutputDir, slide_id: str, res: dict, plan: SlidePlan, k: int,
@@ -327,13 +337,17 @@ def _schedule_slide(client: Any, row: pd.Series, plan: Any, out: OutputDir,
     tiles = [client.submit(segment_tile_task, path, mpp, plan_v.mpp, t, plan_v.stain, params,
                            pure=False) for t in plan_v.tiles]
     res_kw = {"resources": {"GPU": 1}} if gpu and model is not None else {}
+    seed = (params.seed, zlib.crc32(str(row["slide_id"]).encode()))
+    # twice the even share per tile, so sparse tiles rarely leave the sample short
+    quota = -(-2 * params.gallery_crops // max(len(tiles), 1)) if params.gallery_crops else 0
     classes = []
     for i in range(0, len(tiles), batch_tiles):
         group = tiles[i : i + batch_tiles]
-        classes.append(client.submit(classify_task, model, *group, pure=False, **res_kw))
+        classes.append(client.submit(classify_task, model, seed, i, quota, *group, pure=False,
+                                     **res_kw))
     flat = client.submit(_flatten, *classes, pure=False)
-    result = client.submit(finish_slide, row["slide_id"], out, plan_v, max(k, 1),
-                           tiles, flat, params, pure=False)
+    result = client.submit(finish_slide, row["slide_id"], out, plan_v, max(k, 1), flat,
+                           params, pure=False)
     return plan_v, result, len(plan_v.tiles)
 
 

@@ -172,7 +172,8 @@ def test_classified_census_proportions(cohort, client, tiny_model, tmp_path):
     assert np.asarray(g["counts"][:]).sum() == len(cells)
     # gallery sample: seeded crops whose attributes point back at their cells
     sample = zarr.open_group(tmp_path / "crops.zarr", mode="r")["synth_001_abnormal"]
-    assert sample.shape == (min(256, len(cells)), 32, 32, 3)
+    # at most 256 crops, drawn from per-tile quotas (2x the even share per tile)
+    assert sample.shape[1:] == (32, 32, 3) and min(128, len(cells)) <= sample.shape[0] <= 256
     ids = np.asarray(sample.attrs["cell_id"])
     by_id = cells.set_index("cell_id")
     np.testing.assert_array_equal(sample.attrs["cluster"], by_id.loc[ids, "cluster"].to_numpy())
