@@ -373,3 +373,21 @@ def test_outputs_on_object_storage(cohort, s3_server, counted):
     g = zarr.open_group(url + "/census.zarr", mode="r")["synth_001_abnormal"]
     ref_g = zarr.open_group(ref_out / "census.zarr", mode="r")["synth_001_abnormal"]
     np.testing.assert_array_equal(g["cells"][:], ref_g["cells"][:])
+
+
+@pytest.mark.shared
+def test_real_aperio_slide_gives_cells_and_a_map(cmu_svs, client, tmp_path):
+    table = run_cohort(pd.DataFrame([{"slide_id": "CMU-1-Small-Region", "path": str(cmu_svs),
+                                      "label": ""}]), tmp_path, client=client,
+                       params=CensusParams(tile_size=1024))
+    row = table.iloc[0]
+    assert row.status == "ok", row.error
+    cells = pd.read_parquet(tmp_path / "cells" / "CMU-1-Small-Region.parquet")
+    assert len(cells) == row.n_cells > 1000  # a skin section full of nuclei
+    assert cells.x_px.between(0, 2220).all() and cells.y_px.between(0, 2967).all()
+    np.testing.assert_allclose(cells.x_um, cells.x_px * 0.499)
+    g = zarr.open_group(tmp_path / "census.zarr", mode="r")["CMU-1-Small-Region"]
+    # 2220 x 2967 px at 0.499 µm/px = 1108 x 1481 µm on a 256 µm grid: 6 rows x 5 columns
+    assert g["cells"].shape == (6, 5) and int(np.asarray(g["cells"][:]).sum()) == len(cells)
+    tissue = np.asarray(g["tissue"][:])
+    assert 0.2 < tissue.mean() < 0.7  # the section covers part of the glass
