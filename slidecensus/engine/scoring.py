@@ -145,6 +145,24 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _overlaps(truth: np.ndarray, pred: np.ndarray):
+    """Label values, areas and the sparse overlap table of two label images.
+
+    Returns ``(truth_labels, pred_labels, truth_areas, pred_areas, overlap)`` where
+    ``overlap[i, j]`` (CSR) counts pixels labelled ``truth_labels[i]`` and ``pred_labels[j]``.
+    """
+    t, p = _check_pair(truth, pred)
+    tl, ti = np.unique(t, return_inverse=True)
+    pl, pi = np.unique(p, return_inverse=True)
+    ti, pi = ti.reshape(-1), pi.reshape(-1)
+    at = np.bincount(ti, minlength=len(tl))
+    ap = np.bincount(pi, minlength=len(pl))
+    inter = sparse.coo_matrix((np.ones(ti.size, np.int64), (ti, pi)),
+                              shape=(len(tl), len(pl))).tocsr()
+    inter.sum_duplicates()
+    return tl, pl, at, ap, inter
+
+
 def pixel_dice(truth: np.ndarray, pred: np.ndarray) -> float:
     """Dice coefficient ``2|T∩P| / (|T|+|P|)`` of the foregrounds (non-zero pixels).
 
@@ -168,15 +186,7 @@ def aggregated_jaccard_index(truth: np.ndarray, pred: np.ndarray) -> float:
     .. [1] N. Kumar et al., "A dataset and a technique for generalized nuclear segmentation
        for computational pathology", IEEE TMI 36(7):1550-1560, 2017.
     """
-    t, p = _check_pair(truth, pred)
-    tl, ti = np.unique(t, return_inverse=True)
-    pl, pi = np.unique(p, return_inverse=True)
-    ti, pi = ti.reshape(-1), pi.reshape(-1)
-    at = np.bincount(ti, minlength=len(tl))
-    ap = np.bincount(pi, minlength=len(pl))
-    inter = sparse.coo_matrix((np.ones(ti.size, np.int64), (ti, pi)),
-                              shape=(len(tl), len(pl))).tocsr()
-    inter.sum_duplicates()
+    tl, pl, at, ap, inter = _overlaps(truth, pred)
     t_obj = np.flatnonzero(tl != 0)
     p_is_obj = pl != 0
     if len(t_obj) == 0:
@@ -210,16 +220,8 @@ def match_instances(truth: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> De
 
     With ``iou >= 0.5`` each object has at most one partner, so no assignment is needed.
     """
-    t, p = _check_pair(truth, pred)
-    tl, ti = np.unique(t, return_inverse=True)
-    pl, pi = np.unique(p, return_inverse=True)
-    ti, pi = ti.reshape(-1), pi.reshape(-1)
-    at = np.bincount(ti, minlength=len(tl))
-    ap = np.bincount(pi, minlength=len(pl))
-    coo = sparse.coo_matrix((np.ones(ti.size, np.int64), (ti, pi)),
-                            shape=(len(tl), len(pl))).tocsr()
-    coo.sum_duplicates()
-    coo = coo.tocoo()
+    tl, pl, at, ap, inter = _overlaps(truth, pred)
+    coo = inter.tocoo()
     ok = (tl[coo.row] != 0) & (pl[coo.col] != 0)
     r, c, v = coo.row[ok], coo.col[ok], coo.data[ok]
     j = v / (at[r] + ap[c] - v)
