@@ -52,11 +52,33 @@ def run_once(cohort: Path, out: Path, workers: int) -> dict:
             "worker_peak_rss_mb": peaks}
 
 
+def memory(sizes: list[int]) -> dict:
+    """Worker peak RSS of a 2-worker census on one slide of each size (a mosaic of the real
+    marrow images, pyramidal JPEG TIFF at 0.5 µm/px): flat means it does not grow."""
+    from benchmarks.bench_read import DATA, MosaicSource
+    from slidecensus.tiling import write_pyramid_tiff
+
+    src = MosaicSource(sorted((DATA / "bone-marrow-he" / "images").glob("*.png")))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            path = Path(tmp) / f"mosaic_{n}.tiff"
+            write_pyramid_tiff(path, src, (n, n), mpp=0.5)
+            res = run_once(Path(tmp), Path(tmp) / f"out_{n}", 2)  # the folder holds one slide
+            out[f"{n}x{n}"] = res
+            path.unlink()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--slides", type=int, default=2)
+    ap.add_argument("--memory", default="", help="comma-separated slide sizes, e.g. 10000,20000")
     args = ap.parse_args()
+    if args.memory:
+        write_results("census_memory", memory([int(v) for v in args.memory.split(",")]))
+        return
     from slidecensus.tiling.synth import synth_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
