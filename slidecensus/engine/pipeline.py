@@ -42,6 +42,7 @@ from .segment import (
     empty_cell_table,
     segment_tile_with_labels,
     shift_cells,
+    stain_sample,
 )
 from .stain import StainModel, estimate_stain_model
 
@@ -92,8 +93,8 @@ def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
     mask = TissueMask(tissue_mask_rgb(thumb),
                       float(np.mean([slide.shape[0] / thumb.shape[0],
                                      slide.shape[1] / thumb.shape[1]])))
-    # one stain model per slide, from the low-resolution overview (segment_file does the same)
-    stain = estimate_stain_model(thumb)
+    # one stain model per slide, from the same sample segment_file uses
+    stain = estimate_stain_model(stain_sample(slide, with_mask=False)[0])
     halo = params.segment.for_mpp(slide_mpp).halo_px
     tiles = plan_tiles(slide, tile_size=params.tile_size, halo=halo, level=0, mask=mask,
                        min_tissue=params.min_tissue)

@@ -30,6 +30,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -601,8 +602,11 @@ def _write_parquet_atomic(table: pd.DataFrame, out: Path) -> None:
         raise
 
 
-def _stain_sample(slide, max_side: int = 512, with_mask: bool = True):
-    """A small RGB image of the whole slide and its tissue mask (a ``TissueMask``).
+def stain_sample(slide: Any, max_side: int = 512, with_mask: bool = True):
+    """A small RGB image of the whole slide (the stain model's sample) and its tissue mask.
+
+    ``segment_file`` and the census both estimate the slide's stain model from this sample,
+    so the two give the same nuclei.
 
     The coarsest level no smaller than about 2048 px is read whole and strided down to at
     most ``max_side`` px; the tissue mask comes from ``tissue_mask_rgb`` on that image
@@ -668,7 +672,7 @@ def segment_file(
         tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0)
         # the tissue mask only drops tiles without tissue: a one-tile plan never drops its
         # tile (a mask of >= 100 pixels covers it), so the mask is computed only for more
-        sample, tmask = _stain_sample(slide, with_mask=len(tiles) > 1)
+        sample, tmask = stain_sample(slide, with_mask=len(tiles) > 1)
         # the brightness mask of estimate_stain_model (what the parameters were tuned with);
         # the saturation-based tissue mask only drops tiles without tissue
         use = tmask.mask if tmask is not None and tmask.mask.sum() >= 100 else None

@@ -391,3 +391,19 @@ def test_real_aperio_slide_gives_cells_and_a_map(cmu_svs, client, tmp_path):
     assert g["cells"].shape == (6, 5) and int(np.asarray(g["cells"][:]).sum()) == len(cells)
     tissue = np.asarray(g["tissue"][:])
     assert 0.2 < tissue.mean() < 0.7  # the section covers part of the glass
+
+
+def test_census_and_segment_command_find_the_same_nuclei(counted, cohort):
+    """`slidecensus segment` and `slidecensus run` estimate the stain model from the same
+    sample and cut the same tiles: identical cells on the same slide."""
+    from slidecensus.engine.segment import segment_file
+
+    out, _ = counted
+    path = pd.read_csv(cohort).set_index("slide_id").loc["synth_001_abnormal", "path"]
+    alone = segment_file(path, tile_size=PARAMS.tile_size)
+    census = pd.read_parquet(out / "cells" / "synth_001_abnormal.parquet")
+    assert len(alone) == len(census)
+    np.testing.assert_allclose(np.sort(alone.x_px.to_numpy()),
+                               np.sort(census.x_px.to_numpy()))
+    np.testing.assert_allclose(np.sort(alone.area_um2.to_numpy()),
+                               np.sort(census.area_um2.to_numpy()))
