@@ -17,7 +17,8 @@ def test_console_script_is_installed():
     cmd = [exe] if exe else [sys.executable, "-m", "slidecensus"]
     res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
-    for name in ("synth", "segment", "train", "run", "info", "demo"):
+    for name in ("synth", "segment", "train", "run", "info", "demo", "classify", "heatmap",
+                 "gallery", "export", "cluster"):
         assert name in res.stdout
 
 
