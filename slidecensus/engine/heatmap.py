@@ -57,7 +57,8 @@ class HeatmapParams:
     vmax: float | None = None
     """Top of the colour scale; None: the cohort's 99th percentile, rounded up to 0.05,
     shared by every slide of the run so that their colours compare."""
-    alpha: float = 0.7
+    alpha: float = 0.6
+    """Opacity of the map over the thumbnail (the tissue stays visible beneath)."""
     thumbnail_px: int = 1600
 
     def __post_init__(self) -> None:
