@@ -106,6 +106,7 @@ class PixelParams:
     halo_px: int
     max_eccentricity: float = 1.0
     edge_sliver_px: float = 0.0
+    min_iod_um2: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,15 @@ class SegmentParams:
         that edge is in the halo, so only the slide's own border counts) whose visible part
         has its centroid closer than this to that edge is a sliver and dropped: less than
         about half of it is in the image. 0 keeps all.
+    min_iod_um2 : float
+        Smallest integrated hematoxylin optical density of a nucleus (area in µm² times its
+        mean hematoxylin OD; µm²·OD). The integrated OD measures the amount of stained
+        chromatin, the quantity of DNA image cytometry, so it does not depend on how the
+        chromatin is spread: a small dark nucleus (lymphocyte, late erythroblast) passes, a
+        small pale object (a tangential cap of a nucleus, out-of-focus or basophilic debris)
+        does not. 0 (the default) keeps all. On the bone-marrow tuning images 12 raises F1
+        0.871 -> 0.877 (held out 0.859 -> 0.862), but it costs MoNuSeg about 0.02 Dice and
+        detection F1, whose annotators mark small pale nuclei too: a choice of convention.
     halo_um : float
         Halo of tiles: at least the diameter of the largest nucleus.
     work_mpp : float
@@ -157,6 +167,7 @@ class SegmentParams:
     split_min_distance_um: float = 2.0
     max_eccentricity: float = 0.9
     edge_sliver_um: float = 1.5
+    min_iod_um2: float = 0.0
     halo_um: float = 24.0
     work_mpp: float = 0.5
 
@@ -173,7 +184,7 @@ class SegmentParams:
                 f"max_eccentricity must be in (0, 1], got {self.max_eccentricity}"
             )
         for name in ("smooth_um", "protrusion_um", "opening_um", "split_smooth_um",
-                     "split_min_distance_um", "edge_sliver_um"):
+                     "split_min_distance_um", "edge_sliver_um", "min_iod_um2"):
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -211,6 +222,7 @@ class SegmentParams:
             halo_px=halo,
             max_eccentricity=float(self.max_eccentricity),
             edge_sliver_px=self.edge_sliver_um / (mpp / f),  # in pixels of the input image
+            min_iod_um2=float(self.min_iod_um2),
         )
 
 
@@ -460,9 +472,12 @@ def _bin_rgb(rgb: np.ndarray, f: int) -> np.ndarray:
     return acc.astype(np.float32) * np.float32(1.0 / (f * f))
 
 
-def _shape_rejects(table: pd.DataFrame, pp: PixelParams, shape) -> np.ndarray:
-    """Rows to drop: too elongated, or a sliver cut by the edge of the image data."""
+def _object_rejects(table: pd.DataFrame, pp: PixelParams, shape) -> np.ndarray:
+    """Rows to drop: too little chromatin, too elongated, or a sliver cut by the image edge."""
     drop = table["eccentricity"].to_numpy() > pp.max_eccentricity
+    if pp.min_iod_um2 > 0:
+        iod = table["area_um2"].to_numpy() * table["mean_hematoxylin"].to_numpy()
+        drop |= iod < pp.min_iod_um2
     m = pp.edge_sliver_px
     if m > 0 and len(table):
         h, w = shape
@@ -483,7 +498,7 @@ def _segment(rgb, stain_model, params, mpp, core, want_labels=False):
     h, e = stain_concentrations(_bin_rgb(rgb, pp.bin), stain_model)
     labels = label_nuclei(h, pp)
     table = measure_cells(labels, h, e, pp.mpp / pp.bin, core, scale=pp.bin)
-    drop = _shape_rejects(table, pp, rgb.shape[:2])
+    drop = _object_rejects(table, pp, rgb.shape[:2])
     if drop.any():
         gone = np.zeros(int(labels.max()) + 1, bool)
         gone[table["cell_id"].to_numpy()[drop]] = True

@@ -38,7 +38,8 @@ def test_params_convert_physical_units():
 
 @pytest.mark.parametrize("bad", [{"hematoxylin_threshold": 300}, {"min_area_um2": 0},
                                  {"opening_um": -1}, {"max_eccentricity": 0},
-                                 {"max_eccentricity": 1.5}, {"edge_sliver_um": -1}])
+                                 {"max_eccentricity": 1.5}, {"edge_sliver_um": -1},
+                                 {"min_iod_um2": -1}])
 def test_params_refuse_bad_values(bad):
     with pytest.raises(InvalidInputError):
         G.SegmentParams(**bad)
@@ -160,6 +161,27 @@ def test_edge_slivers_and_spindles_dropped():
     _, table_all = G.segment_image(img, mpp=0.25, stain_model=StainModel.identity(),
                                    params=keep_all)
     assert len(table_all) == 4
+
+
+def test_small_pale_object_dropped_by_integrated_od():
+    """Two disks of one size: the dark one carries more hematoxylin (area x mean OD) and
+    stays, the pale one (a tangential cap, debris) goes when the floor lies between them."""
+    pale = np.array([154, 107, 176], np.uint8)  # hematoxylin OD 0.79, above the threshold
+    img = _synthetic([(60, 100)], radius=11)
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    img[(xx - 170) ** 2 + (yy - 100) ** 2 <= 121] = pale
+    model = StainModel.identity()
+    _, both = G.segment_image(img, mpp=0.25, stain_model=model,
+                              params=G.SegmentParams(min_iod_um2=0.0))
+    assert len(both) == 2
+    both = both.sort_values("x_px")
+    iod = (both["area_um2"] * both["mean_hematoxylin"]).to_numpy()
+    assert iod[0] > 1.2 * iod[1]  # same size, the dark one has more chromatin
+    floor = float(iod.mean())
+    labels, kept = G.segment_image(img, mpp=0.25, stain_model=model,
+                                   params=G.SegmentParams(min_iod_um2=floor))
+    assert len(kept) == 1 and kept["x_px"].iloc[0] < 100
+    assert set(np.unique(labels[labels > 0])) == set(kept["cell_id"])
 
 
 def test_accuracy_floor_on_bone_marrow(marrow, shared_data, marrow_pngs):
