@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SlidecensusError
+from .errors import InvalidInputError, SlidecensusError
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -66,14 +66,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .engine.pipeline import train_from_cohort
         from .models import TrainConfig
 
+        if "://" in args.out:
+            raise InvalidInputError(
+                f"--out {args.out} is object storage: pass --model (training writes a local "
+                f"checkpoint that the workers must be able to read; train first with "
+                f"`slidecensus train COHORT --out model.pt` on shared storage)")
         model = Path(args.out) / "model.pt"
         if not model.exists():
             train_from_cohort(args.cohort, model, config=TrainConfig(k=args.k),
                               cluster=args.cluster, params=params)
     table = run_cohort(args.cohort, args.out, model=model, cluster=args.cluster,
-                       params=params, slides_in_flight=args.slides_in_flight)
-    failed = int((table["status"] != "ok").sum())
-    print(f"{len(table) - failed} slides ok, {failed} failed -> {args.out}")
+                       params=params, slides_in_flight=args.slides_in_flight,
+                       max_bad_tiles=args.max_bad_tiles)
+    # exit 1 when any slide failed; `partial` slides (allowed by --max-bad-tiles) do not
+    failed = int((table["status"] == "failed").sum())
+    partial = int((table["status"] == "partial").sum())
+    print(f"{int((table['status'] == 'ok').sum())} slides ok, {partial} partial, {failed} "
+          f"failed -> {args.out}")
     return 1 if failed else 0
 
 
@@ -94,10 +103,84 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_heatmap(args: argparse.Namespace) -> int:
+    from .engine.heatmap import HeatmapParams, make_heatmaps
+
+    params = HeatmapParams(min_cells=args.min_cells, min_tissue=args.min_tissue,
+                           vmax=args.vmax)
+    table = make_heatmaps(args.dir, args.clusters, name=args.name, slides=args.slides,
+                          params=params)
+    cols = ["slide_id", "label", "proportion", "p90_region", "max_region"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _cmd_gallery(args: argparse.Namespace) -> int:
+    from .engine.gallery import make_gallery
+
+    path = make_gallery(args.dir, model=str(args.model) if args.model else None,
+                        per_cluster=args.per_cluster, seed=args.seed)
+    print(f"gallery: {path} (name the clusters in clusters.toml beside it)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import export_geojson
+
+    paths = export_geojson(args.dir, slides=args.slides)
+    print(f"{len(paths)} QuPath GeoJSON file(s) -> {args.dir}/qupath/")
+    return 0
+
+
+def _slide_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, cluster=args.cluster, seed=args.seed)
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from .engine.classify import apply_run, classify_run, format_report
+    from .errors import InvalidInputError
+
+    if args.apply is not None:
+        if args.save_model is not None:
+            raise InvalidInputError("--save-model and --apply exclude each other")
+        report = apply_run(args.dir, args.apply, labels=args.labels)
+    elif args.labels is None or args.method is None:
+        raise InvalidInputError("classify needs --labels LABELS.csv and --method kmeans|svm "
+                                "(or --apply MODEL)")
+    else:
+        report = classify_run(args.dir, args.labels, args.method, folds=args.folds,
+                              seed=args.seed, features=args.features,
+                              save_model_to=args.save_model)
+    print(format_report(report))
+    return 0
+
+
+def _cmd_cluster_spec(args: argparse.Namespace) -> int:
+    from .cluster.kubernetes import KubernetesOptions, cluster_objects, to_yaml
+
+    kw = {k: v for k, v in vars(args).items() if k in KubernetesOptions.__dataclass_fields__
+          and v is not None}
+    print(to_yaml(cluster_objects(KubernetesOptions(**kw))), end="")
+    return 0
+
+
+def _cmd_cluster_wait(args: argparse.Namespace) -> int:
+    from .cluster.kubernetes import wait_for_workers
+
+    try:
+        cpu, gpu = wait_for_workers(args.address, gpu_workers=args.gpu_workers,
+                                    cpu_workers=args.cpu_workers, timeout_s=args.timeout)
+    except TimeoutError as exc:
+        print(f"slidecensus: {exc}", file=sys.stderr)
+        return 1
+    print(f"{cpu} CPU and {gpu} GPU workers at {args.address}")
+    return 0
 
 
 class _null:
@@ -153,23 +236,90 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="the census: segment, classify and map every cell")
     s.add_argument("cohort", help="CSV with a path column, a folder, or a quoted glob")
-    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--out", required=True,
+                   help="output folder: a local path or an fsspec URL such as s3://bucket/run")
     s.add_argument("--model", type=Path, default=None, help="trained checkpoint (.pt)")
     s.add_argument("--cluster", default="local",
-                   help="local, local:N, tcp://host:port (kubernetes: planned)")
+                   help="local, local:N, tcp://host:port, kubernetes[:NAME]")
     s.add_argument("--tile-size", type=int, default=2048, help="tile core in level-0 px")
     s.add_argument("--region-um", type=float, default=256.0, help="map region edge in µm")
     s.add_argument("--slides-in-flight", type=int, default=2)
+    s.add_argument("--max-bad-tiles", type=int, default=0,
+                   help="unreadable tiles a slide may have and still be counted (as 'partial', "
+                        "tiles_done < tiles_planned); default 0: such a slide fails")
     s.add_argument("--k", type=int, default=5, help="clusters when training (no --model)")
     s.add_argument("--no-classify", action="store_true",
                    help="count and map cells without a model (no training)")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("classify", help="classify slides from their cell proportions (CV)")
+    s.add_argument("dir", help="census output folder (slides.csv, census.zarr)")
+    s.add_argument("--labels", type=Path, default=None, help="CSV with slide_id,label")
+    s.add_argument("--method", choices=["kmeans", "svm"], default=None,
+                   help="k-means (unsupervised) or linear L2-SVM")
+    s.add_argument("--folds", type=int, default=4, help="stratified cross-validation folds")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--features", choices=["proportions", "proportions+regions"],
+                   default="proportions", help="add per-region percentiles from census.zarr")
+    s.add_argument("--save-model", default=None, help="save a model fitted on all slides")
+    s.add_argument("--apply", default=None, metavar="MODEL",
+                   help="apply a saved model (and its features) to DIR's slides instead")
+    s.set_defaults(func=_cmd_classify)
+
+    s = sub.add_parser("heatmap", help="maps of the chosen clusters' proportion per region")
+    s.add_argument("dir", help="census output folder (local path or s3://...)")
+    s.add_argument("--clusters", required=True,
+                   help="cluster ids or names from clusters.toml, e.g. 1,4 or myeloblast")
+    s.add_argument("--name", default=None, help="what the map shows, e.g. blast")
+    s.add_argument("--slides", type=_slide_list, default=None, help="only these slide ids")
+    s.add_argument("--min-cells", type=int, default=20,
+                   help="regions with fewer classified cells are left transparent")
+    s.add_argument("--min-tissue", type=float, default=0.05,
+                   help="regions with less tissue (fraction) are left transparent")
+    s.add_argument("--vmax", type=float, default=None,
+                   help="top of the colour scale (default: cohort 99th percentile)")
+    s.set_defaults(func=_cmd_heatmap)
+
+    s = sub.add_parser("gallery", help="real and generated crops per cluster, to name them")
+    s.add_argument("dir", help="census output folder")
+    s.add_argument("--model", type=Path, default=None,
+                   help="checkpoint for the generator column (default: the run's model)")
+    s.add_argument("--per-cluster", type=int, default=24)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_gallery)
+
+    s = sub.add_parser("export", help="every classified cell as QuPath GeoJSON")
+    s.add_argument("dir", help="census output folder")
+    s.add_argument("--slides", type=_slide_list, default=None, help="only these slide ids")
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("demo", help="generate a demo cohort and run the census on it")
     s.add_argument("out", type=Path, nargs="?", default=Path("demo"))
     s.add_argument("--cluster", default="local")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("cluster", help="Kubernetes (Dask operator) cluster: spec, wait")
+    csub = s.add_subparsers(dest="cluster_command", required=True)
+    c = csub.add_parser("spec", help="print the DaskCluster, GPU worker group and autoscaler "
+                                     "YAML that --cluster kubernetes:NAME would apply")
+    c.add_argument("--name", default=None, help="cluster name (default slidecensus)")
+    c.add_argument("--namespace", default=None)
+    c.add_argument("--image", default=None, help="CPU image (scheduler, CPU workers)")
+    c.add_argument("--gpu-image", default=None, help="CUDA image (GPU workers)")
+    c.add_argument("--cpu-workers", type=int, default=None, help="initial CPU workers")
+    c.add_argument("--min-cpu-workers", type=int, default=None, help="autoscaler minimum")
+    c.add_argument("--max-cpu-workers", type=int, default=None, help="autoscaler maximum")
+    c.add_argument("--gpu-workers", type=int, default=None, help="GPU workers (0: no group)")
+    c.add_argument("--data-claim", default=None, help="PVC with slides and model (/data)")
+    c.add_argument("--s3-secret", default=None, help="Secret with the AWS_* credentials")
+    c.set_defaults(func=_cmd_cluster_spec)
+    c = csub.add_parser("wait", help="wait until a scheduler has its GPU (and CPU) workers")
+    c.add_argument("address", help="scheduler address, e.g. tcp://NAME-scheduler:8786")
+    c.add_argument("--gpu-workers", type=int, default=1)
+    c.add_argument("--cpu-workers", type=int, default=0)
+    c.add_argument("--timeout", type=float, default=600.0, help="seconds (exit 1 after)")
+    c.set_defaults(func=_cmd_cluster_wait)
     return p
 
 

@@ -36,3 +36,13 @@ class CorruptSlideError(SlideReadError):
 
 class InvalidInputError(SlidecensusError, ValueError):
     """An argument or an input table is malformed (message says what was expected)."""
+
+
+class TileError(SlideReadError):
+    """Tiles of an otherwise readable slide could not be read or segmented; the reason
+    names the first such tile (index, position in µm and level-0 px) and its error."""
+
+
+class OutputLockedError(SlidecensusError, RuntimeError):
+    """Another run holds the output folder's lock; the message names its pid, host and start
+    time, and how to clear a lock that a vanished run left."""

@@ -8,6 +8,13 @@ table and returning the region counts. The client streams slides through the clu
 a bounded number in flight, writes each slide's maps into ``census.zarr`` and commits the
 slide in a manifest last, so a rerun skips complete slides and redoes the rest.
 
+Failures: a slide that cannot be opened or planned fails alone with its reason. A tile that
+raises is tried again once on a freshly opened file (a transient read error passes); a tile
+still failing is recorded, and its slide fails with a message naming the tile and its
+position, unless the run allows ``max_bad_tiles`` such tiles per slide, in which case the
+slide is ``partial`` with ``tiles_done < tiles_planned``. Cells of unreadable tiles are never
+silently missing from an ``ok`` slide.
+
 Training (``train_from_cohort``): a seeded sample of tiles per slide is segmented, a
 capped, seeded sample of their crops is gathered to one (GPU) worker, which trains the
 InfoGAN and writes the checkpoint.
@@ -20,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import traceback
 import zlib
@@ -31,10 +39,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import InvalidInputError, SlidecensusError
-from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask_rgb
+from ..errors import InvalidInputError, SlidecensusError, SlideReadError, TileError
+from ..tiling import Tile, TissueMask, cached_slide, open_slide, plan_tiles, tissue_mask_rgb
 from .cohort import read_cohort, safe_name
-from .outputs import OutputDir
+from .outputs import OutputDir, RunLock
 from .segment import (
     CELL_COLUMNS,
     DEFAULT_MPP,
@@ -50,6 +58,23 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
+#: Accepted ``tile_size`` (level-0 px of a tile's core). The upper bound keeps one tile's
+#: segmentation within about 2 GB however many nuclei it holds (measured: a 4096-px tile
+#: peaks at 1.6-1.9 GB above the worker's base, a 2048-px tile at 0.4-0.5 GB, with 1x to 10x
+#: the usual nuclei; the peak follows the pixels, not the nuclei); below the lower bound the
+#: halo (up to 96 px a side) would be read more often than the core.
+TILE_SIZE_RANGE = (256, 4096)
+#: Peak bytes of one tile task per pixel of its read window (conservative, from the same
+#: measurements: 82-110 bytes/px on slides that are not binned).
+TILE_BYTES_PER_PX = 120
+#: Crops per forward pass of Q on a CPU worker. Activations dominate memory: at width 128,
+#: a pass of 4096 crops takes about 4 GB, 256 crops about 0.3 GB, at the same speed on CPU.
+CPU_PREDICT_BATCH = 256
+#: Crops per forward pass on a CUDA device (GPU memory is the limit there).
+GPU_PREDICT_BATCH = 4096
+#: Times a failing tile is tried (the retry reopens the file) before it counts as bad.
+TILE_ATTEMPTS = 2
+
 
 @dataclass(frozen=True)
 class CensusParams:
@@ -63,6 +88,26 @@ class CensusParams:
     gallery_crops: int = 256
     seed: int = 0
     segment: SegmentParams = field(default_factory=SegmentParams)
+
+    def __post_init__(self) -> None:
+        lo, hi = TILE_SIZE_RANGE
+        if not (isinstance(self.tile_size, int | np.integer) and lo <= self.tile_size <= hi):
+            raise InvalidInputError(f"tile_size must be an integer from {lo} to {hi} px (one "
+                                    f"tile's memory grows with its area), got "
+                                    f"{self.tile_size!r}")
+        if not (math.isfinite(self.region_um) and self.region_um > 0):
+            raise InvalidInputError(f"region_um must be a positive number of µm, got "
+                                    f"{self.region_um!r}")
+        if not 8 <= self.crop_size <= 256:
+            raise InvalidInputError(f"crop_size must be from 8 to 256 px, got {self.crop_size}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise InvalidInputError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.gallery_crops < 0:
+            raise InvalidInputError(f"gallery_crops must be >= 0, got {self.gallery_crops}")
+
+    def tile_peak_bytes(self) -> int:
+        """Conservative peak memory of one tile task (read window with a 128-px halo)."""
+        return TILE_BYTES_PER_PX * (self.tile_size + 256) ** 2
 
     def digest(self) -> str:
         """Stable hash of the parameters."""
@@ -80,15 +125,27 @@ class SlidePlan:
     tiles: tuple[Tile, ...]
     stain: StainModel
     tissue: TissueMask
+    notes: tuple[str, ...] = ()  # warnings for slides.csv (conversions, no tissue)
 
 
 # ------------------------------------------------------------------ worker tasks
 
 
 def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
-    """Open a slide on a worker, find tissue, estimate the stain model once, plan tiles."""
+    """Open a slide on a worker, find tissue, estimate the stain model once, plan tiles.
+
+    Raises SlideReadError for an image too small to hold one nucleus (a 1 x 1 px file is
+    not a slide); the plan's ``notes`` say what was converted and whether tissue was found.
+    """
     slide = cached_slide(path, mpp=mpp)
     slide_mpp = slide.mpp if slide.mpp is not None else DEFAULT_MPP
+    nucleus_um = 2 * math.sqrt(params.segment.min_area_um2 / math.pi)
+    h, w = slide.shape
+    if min(h, w) * slide_mpp < nucleus_um:
+        raise SlideReadError(path, f"image too small for a census: {w} x {h} px "
+                                   f"({w * slide_mpp:.2g} x {h * slide_mpp:.2g} µm at "
+                                   f"{slide_mpp} µm/px); the smallest nucleus counted is "
+                                   f"{nucleus_um:.1f} µm across")
     thumb = slide.thumbnail(1024)
     mask = TissueMask(tissue_mask_rgb(thumb),
                       float(np.mean([slide.shape[0] / thumb.shape[0],
@@ -98,19 +155,26 @@ def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
     halo = params.segment.for_mpp(slide_mpp).halo_px
     tiles = plan_tiles(slide, tile_size=params.tile_size, halo=halo, level=0, mask=mask,
                        min_tissue=params.min_tissue)
+    notes = list(slide.conversions)
+    if not tiles:
+        notes.append("no tissue found (no tile to segment)")
     return SlidePlan(path, slide_mpp, slide.mpp is not None, slide.shape, tuple(tiles), stain,
-                     mask)
+                     mask, tuple(notes))
 
 
 def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
                       stain: StainModel, params: CensusParams) -> tuple[pd.DataFrame, np.ndarray]:
     """Read one tile with its halo and segment it; returns (cells in level-0 px, crops)."""
+    return _segment_tile_on(cached_slide(path, mpp=mpp), plan_mpp, tile, stain, params)
+
+
+def _segment_tile_on(slide: Any, plan_mpp: float, tile: Tile, stain: StainModel,
+                     params: CensusParams) -> tuple[pd.DataFrame, np.ndarray]:
     from .crops import extract_crops
 
     if tile.level != 0:  # coordinates below are level-0 offsets
         raise InvalidInputError("the census segments level 0 (tiles of coarser levels are "
                                 "not supported yet)")
-    slide = cached_slide(path, mpp=mpp)
     rgb = slide.read_region(tile.level, tile.rx, tile.ry, tile.rw, tile.rh)
     labels, table = segment_tile_with_labels(rgb, stain, params.segment, tile.core_in_read,
                                              plan_mpp)
@@ -119,20 +183,69 @@ def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
     return shift_cells(table, tile.rx, tile.ry, plan_mpp), crops
 
 
+@dataclass(frozen=True)
+class TileFailure:
+    """A tile that could not be read or segmented (after retrying): which and why."""
+
+    index: int
+    n_tiles: int
+    x_px: int
+    y_px: int
+    x_um: float
+    y_um: float
+    reason: str
+
+    def where(self) -> str:
+        """``tile 5 at (128, 0) µm``: the core's top-left corner on the slide."""
+        return f"tile {self.index} at ({self.x_um:.0f}, {self.y_um:.0f}) µm"
+
+    def describe(self) -> str:
+        return (f"tile {self.index} of {self.n_tiles} at ({self.x_um:.0f}, {self.y_um:.0f}) µm "
+                f"(level-0 px {self.x_px}, {self.y_px}) unreadable: {self.reason}")
+
+
+def segment_tile_guarded(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
+                         stain: StainModel, params: CensusParams, index: int, n_tiles: int
+                         ) -> tuple[pd.DataFrame, np.ndarray] | TileFailure:
+    """:func:`segment_tile_task`, tried :data:`TILE_ATTEMPTS` times (the retry on a freshly
+    opened file, not the per-process cached one); a tile still failing comes back as a
+    :class:`TileFailure` so its slide can report it (a worker lost mid-task is Dask's to
+    retry, not this function's)."""
+    reason = ""
+    for attempt in range(TILE_ATTEMPTS):
+        try:
+            if attempt == 0:
+                return segment_tile_task(path, mpp, plan_mpp, tile, stain, params)
+            with open_slide(path, mpp=mpp) as fresh:
+                return _segment_tile_on(fresh, plan_mpp, tile, stain, params)
+        except Exception as exc:  # any error of one tile is that tile's, reported below
+            reason = (exc.reason if isinstance(exc, SlideReadError)
+                      else f"{type(exc).__name__}: {exc}")
+            log.debug("%s: tile %d attempt %d failed: %s", path, index, attempt + 1, reason)
+    reason = " ".join(reason.split())[:300]
+    return TileFailure(index, n_tiles, tile.x, tile.y, tile.x * plan_mpp, tile.y * plan_mpp,
+                       reason)
+
+
 TileResult = tuple[pd.DataFrame, np.ndarray, np.ndarray]
 """A tile after classification: its cells (with ``cluster`` and ``p_j``), a seeded sample
 of its crops for galleries, and those crops' row numbers in the tile's table."""
 
 
 def classify_task(model_path: str | None, seed: tuple[int, ...], first_tile: int,
-                  quota: int, *tiles: tuple[pd.DataFrame, np.ndarray]) -> list[TileResult]:
-    """Push the crops of several tiles through Q in large batches (model loaded once).
+                  quota: int, *segmented: tuple[pd.DataFrame, np.ndarray] | TileFailure
+                  ) -> list[TileResult | TileFailure]:
+    """Push the crops of several tiles through Q in batches (model loaded once).
 
     The crops stop here: what goes on to the slide's reduction is each tile's table, with
     its clusters and probabilities, and at most ``quota`` sampled crops per tile (seeded by
     ``seed`` and the tile's index), so a slide of a million cells never gathers its crops on
-    one worker.
+    one worker. Failed tiles pass through unchanged. Batches are bounded
+    (:data:`CPU_PREDICT_BATCH` on CPU), so a tile with ten times the usual nuclei costs time,
+    not a worker's memory.
     """
+    failed = {j: t for j, t in enumerate(segmented) if isinstance(t, TileFailure)}
+    tiles = [t for t in segmented if not isinstance(t, TileFailure)]
     sizes = [len(c) for _, c in tiles]
     if model_path is None:
         clusters = np.full(sum(sizes), -1, np.int64)
@@ -144,9 +257,13 @@ def classify_task(model_path: str | None, seed: tuple[int, ...], first_tile: int
         model = load_model(model_path)
         allc = (np.concatenate([c for _, c in tiles]) if sum(sizes)
                 else np.zeros((0, 32, 32, 3), np.uint8))
-        clusters, probs = predict(model, allc)
-    out, i = [], 0
-    for j, ((table, crops), n) in enumerate(zip(tiles, sizes, strict=True)):
+        gpu = str(getattr(model, "device", "cpu")).startswith("cuda")
+        clusters, probs = predict(model, allc, batch_size=GPU_PREDICT_BATCH if gpu
+                                  else CPU_PREDICT_BATCH)
+    out: list[TileResult | TileFailure] = []
+    i = 0
+    ok_index = [j for j in range(len(segmented)) if j not in failed]
+    for j, (table, crops), n in zip(ok_index, tiles, sizes, strict=True):
         t = table.copy()
         t["cluster"] = clusters[i : i + n].astype(np.int64)
         for c in range(probs.shape[1]):
@@ -155,6 +272,8 @@ def classify_task(model_path: str | None, seed: tuple[int, ...], first_tile: int
         rows = np.sort(rng.choice(n, min(quota, n), replace=False)) if n else np.zeros(0, int)
         out.append((t, crops[rows], rows.astype(np.int64)))
         i += n
+    for j, failure in failed.items():
+        out.insert(j, failure)
     return out
 
 
@@ -193,9 +312,20 @@ def region_counts(x_px: np.ndarray, y_px: np.ndarray, clusters: np.ndarray, k: i
 
 
 def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
-                 tiles: list[TileResult], params: CensusParams) -> dict:
+                 results: list[TileResult | TileFailure], params: CensusParams,
+                 max_bad_tiles: int = 0) -> dict:
     """Assemble one slide on a worker: write its cell table and crop sample, return its
-    region maps (small arrays) for the client to commit."""
+    region maps (small arrays) for the client to commit.
+
+    Raises TileError, before writing anything, when more than ``max_bad_tiles`` tiles
+    failed; the message names the first failed tile and its reason.
+    """
+    bad = [t for t in results if isinstance(t, TileFailure)]
+    if len(bad) > max_bad_tiles:
+        more = f" (and {len(bad) - 1} more tiles)" if len(bad) > 1 else ""
+        allowed = f"; {max_bad_tiles} allowed" if max_bad_tiles else ""
+        raise TileError(plan.path, f"{bad[0].describe()}{more}{allowed}")
+    tiles = [t for t in results if not isinstance(t, TileFailure)]
     parts = [t for t, _, _ in tiles if len(t)]
     cells = pd.concat(parts, ignore_index=True) if parts else empty_cell_table().assign(
         cluster=pd.Series([], dtype="int64"))
@@ -228,7 +358,8 @@ def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
     per_cluster = counts.sum(axis=(0, 1))
     return {"n_cells": len(cells), "n_classified": int(per_cluster.sum()),
             "per_cluster": per_cluster.tolist(), "counts": counts, "cells": total,
-            "tissue": tissue.astype(np.float32), "region_px": edge}
+            "tissue": tissue.astype(np.float32), "region_px": edge,
+            "bad_tiles": [asdict(t) for t in bad]}
 
 
 # ------------------------------------------------------------------ outputs
@@ -284,8 +415,10 @@ def write_census_group(out: OutputDir, slide_id: str, res: dict, plan: SlidePlan
 # ------------------------------------------------------------------ the run
 
 
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, SlidecensusError):
+def _one_line(exc: BaseException | str) -> str:
+    if isinstance(exc, str):
+        msg = exc
+    elif isinstance(exc, SlidecensusError):
         msg = str(exc)
     else:
         msg = f"{type(exc).__name__}: {exc}"
@@ -303,11 +436,22 @@ def _model_digest(model: str | None) -> str:
 
 
 def _model_k(model: str | None) -> int:
+    """The model's k; loading it first refuses foreign or damaged checkpoints in one line."""
     if model is None:
         return 0
-    from ..models import load_model
+    from ..models import CheckpointError, load_model
 
-    return int(load_model(model).config.k)
+    try:
+        return int(load_model(model).config.k)
+    except CheckpointError as exc:
+        # torch's own message runs to several lines and suggests allow-listing the object
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", exc.reason)
+        if found is None:
+            raise CheckpointError(exc.path, _one_line(exc.reason)) from None
+        raise CheckpointError(exc.path, f"refused: the checkpoint holds a pickled object "
+                                        f"({found.group(1)}), not only weights; models are "
+                                        f"loaded with weights_only=True and no pickled code "
+                                        f"is run") from None
 
 
 def _has_gpu_worker(client: Any) -> bool:
@@ -330,13 +474,16 @@ def _submit_plan(client: Any, row: pd.Series, params: CensusParams) -> Any:
 
 def _schedule_slide(client: Any, row: pd.Series, plan: Any, out: OutputDir,
                     model: str | None, k: int, params: CensusParams, gpu: bool,
-                    batch_tiles: int) -> Any:
+                    batch_tiles: int, max_bad_tiles: int = 0) -> Any:
     """Submit one slide's graph once its plan is known; returns (plan, result future,
     number of tiles)."""
     path, mpp = row["path"], _row_mpp(row)
     plan_v = plan.result()
-    tiles = [client.submit(segment_tile_task, path, mpp, plan_v.mpp, t, plan_v.stain, params,
-                           pure=False) for t in plan_v.tiles]
+    n = len(plan_v.tiles)
+    stem = f"{safe_name(row['slide_id'])}-{time.monotonic_ns()}"
+    tiles = [client.submit(segment_tile_guarded, path, mpp, plan_v.mpp, t, plan_v.stain,
+                           params, i, n, key=f"segment_tile_task-{stem}-{i}")
+             for i, t in enumerate(plan_v.tiles)]
     res_kw = {"resources": {"GPU": 1}} if gpu and model is not None else {}
     seed = (params.seed, zlib.crc32(str(row["slide_id"]).encode()))
     # twice the even share per tile, so sparse tiles rarely leave the sample short
@@ -348,8 +495,8 @@ def _schedule_slide(client: Any, row: pd.Series, plan: Any, out: OutputDir,
                                      **res_kw))
     flat = client.submit(_flatten, *classes, pure=False)
     result = client.submit(finish_slide, row["slide_id"], out, plan_v, max(k, 1), flat,
-                           params, pure=False)
-    return plan_v, result, len(plan_v.tiles)
+                           params, max_bad_tiles, pure=False)
+    return plan_v, result, n
 
 
 def _flatten(*groups: list) -> list:
@@ -366,8 +513,13 @@ def run_cohort(
     params: CensusParams | None = None,
     slides_in_flight: int = 2,
     batch_tiles: int = 8,
+    max_bad_tiles: int = 0,
 ) -> pd.DataFrame:
     """Run the census over a cohort; returns the ``slides.csv`` table.
+
+    Everything is checked before any work: a malformed cohort, a missing or foreign model
+    checkpoint or a bad parameter raises InvalidInputError, and an output folder in use by
+    another run raises OutputLockedError, with nothing written to ``out``.
 
     Parameters
     ----------
@@ -376,18 +528,45 @@ def run_cohort(
         (credentials from the environment): ``slides.csv``, ``census.zarr``,
         ``cells/<slide_id>.parquet``,
         ``manifest.json`` and ``slides/<slide_id>.json`` (the per-slide commit records).
+        Held with ``out/.lock`` for the length of the run (see :class:`RunLock`).
     model : checkpoint of a trained model; without it cells are counted, not classified.
     client : a ``distributed.Client``; else one is made from ``cluster``.
     slides_in_flight : slides whose graphs are on the cluster at once (bounded graph size).
+    batch_tiles : tiles whose crops are classified together (1 to 64).
+    max_bad_tiles : tiles per slide that may stay unreadable after a retry; such a slide is
+        ``partial`` (its ``error`` names the tiles, ``tiles_done < tiles_planned``). With
+        the default 0 a single unreadable tile fails the slide.
     """
     params = params or CensusParams()
-    out = out if isinstance(out, OutputDir) else OutputDir(out)
-    out.makedirs()
+    if slides_in_flight < 1:
+        raise InvalidInputError(f"slides_in_flight must be >= 1, got {slides_in_flight}")
+    if not 1 <= batch_tiles <= 64:
+        raise InvalidInputError(f"batch_tiles must be from 1 to 64, got {batch_tiles}")
+    if max_bad_tiles < 0:
+        raise InvalidInputError(f"max_bad_tiles must be >= 0, got {max_bad_tiles}")
     table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
     model = str(model) if model is not None else None
     if model is not None and not Path(model).is_file():
         raise InvalidInputError(f"model checkpoint {model} does not exist")
-    k = _model_k(model)
+    k = _model_k(model)  # loads it: a foreign or damaged checkpoint stops here
+    out = out if isinstance(out, OutputDir) else OutputDir(out)
+    out.makedirs()
+    with RunLock(out):
+        kw = {"model": model, "k": k, "params": params, "slides_in_flight": slides_in_flight,
+              "batch_tiles": batch_tiles, "max_bad_tiles": max_bad_tiles,
+              "cohort": str(cohort) if not isinstance(cohort, pd.DataFrame) else "<table>"}
+        if client is not None:
+            return _run_locked(table, out, client, **kw)
+        from ..cluster import get_client
+
+        with get_client(cluster) as c:
+            return _run_locked(table, out, c, **kw)
+
+
+def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *, model: str | None,
+                k: int, params: CensusParams, slides_in_flight: int, batch_tiles: int,
+                max_bad_tiles: int, cohort: str) -> pd.DataFrame:
+    """The run proper, with the output folder's lock held."""
     out.remove_stale_temporaries()
     import zarr
 
@@ -396,13 +575,8 @@ def run_cohort(
               "schema": SCHEMA_VERSION}
     out.write_json("manifest.json", {
         "params": asdict(params), "digest": digest, "model": model, "versions": _versions(),
-        "cohort": str(cohort) if not isinstance(cohort, pd.DataFrame) else "<table>"})
-    if client is None:
-        from ..cluster import get_client
-
-        with get_client(cluster) as c:
-            return run_cohort(table, out, model=model, client=c, params=params,
-                              slides_in_flight=slides_in_flight, batch_tiles=batch_tiles)
+        "cohort": cohort, "max_bad_tiles": max_bad_tiles})
+    _check_worker_memory(client, params)
     gpu = _has_gpu_worker(client)
     if model is not None:
         log.info("classifying on %s", "the GPU worker(s)" if gpu else
@@ -420,7 +594,7 @@ def run_cohort(
         log.info("Dask dashboard: %s", client.dashboard_link)
     total_cells = sum(int(r.get("n_cells", 0)) for r in records.values())
     for row, rec in _stream(client, todo, out, model, k, params, gpu, batch_tiles,
-                            slides_in_flight, digest):
+                            slides_in_flight, digest, max_bad_tiles):
         records[row["slide_id"]] = rec
         _write_record(out, row["slide_id"], rec)
         _write_slides_csv(out, table, records, k)
@@ -429,11 +603,31 @@ def run_cohort(
                   if rec["status"] == "ok" else rec["error"])
         log.info("[%d/%d slides, %d cells] %s: %s (%s)", len(records), len(table),
                  total_cells, row["slide_id"], rec["status"], detail)
+        if rec.get("warning"):
+            log.warning("%s: %s", row["slide_id"], rec["warning"])
     return _write_slides_csv(out, table, records, k)
 
 
-def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, digest
-            ) -> Iterator[tuple[pd.Series, dict]]:
+#: Memory a worker process needs besides its tile (interpreter, numpy, torch, Dask).
+WORKER_BASE_BYTES = 512 << 20
+
+
+def _check_worker_memory(client: Any, params: CensusParams) -> None:
+    """Warn when workers' memory limits are below what one tile of ``tile_size`` needs
+    (Dask would kill such a worker on a tile full of tissue)."""
+    need = params.tile_peak_bytes() + WORKER_BASE_BYTES
+    limits = [int(w.get("memory_limit") or 0)
+              for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    small = [m for m in limits if 0 < m < need]
+    if small:
+        log.warning("tile_size %d needs about %.1f GB per worker (one tile plus the worker "
+                    "itself), but %d of %d workers have a memory limit of %.1f GB: use a "
+                    "smaller --tile-size or fewer, larger workers", params.tile_size,
+                    need / 1e9, len(small), len(limits), min(small) / 1e9)
+
+
+def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, digest,
+            max_bad_tiles=0) -> Iterator[tuple[pd.Series, dict]]:
     """Keep at most ``in_flight`` slides on the cluster; yield each as it completes."""
     from distributed import as_completed
 
@@ -452,7 +646,7 @@ def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, di
             plan = plans.pop(row["slide_id"], None) or _submit_plan(client, row, params)
             try:
                 plan, fut, n_tiles = _schedule_slide(client, row, plan, out, model, k, params,
-                                                     gpu, batch_tiles)
+                                                     gpu, batch_tiles, max_bad_tiles)
             except Exception as exc:  # a bad slide fails alone, at planning
                 yield row, _failed(row, exc, digest, t0)
                 continue
@@ -468,23 +662,41 @@ def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, di
             write_census_group(out, row["slide_id"], res, plan, max(k, 1), params.region_um)
             props = (np.asarray(res["per_cluster"], float) / res["n_classified"]
                      if res["n_classified"] else np.full(max(k, 1), np.nan))
-            rec = {"status": "ok", "error": "", "n_cells": res["n_cells"],
+            bad = res.get("bad_tiles", [])
+            rec = {"status": "partial" if bad else "ok", "error": _partial_error(bad, n_tiles),
+                   "warning": "; ".join(plan.notes), "n_cells": res["n_cells"],
                    "n_classified": res["n_classified"], "tiles_planned": n_tiles,
-                   "tiles_done": n_tiles, "mpp": plan.mpp, "mpp_known": plan.mpp_known,
+                   "tiles_done": n_tiles - len(bad), "mpp": plan.mpp,
+                   "mpp_known": plan.mpp_known,
                    "proportions": props.tolist() if k else [], "seconds":
                        time.perf_counter() - t0, "digest": digest}
+            if bad:
+                rec["bad_tiles"] = bad  # every one, with its reason (the CSV lists 10)
         except Exception as exc:
-            rec = _failed(row, exc, digest, t0)
+            rec = _failed(row, exc, digest, t0, n_tiles, plan.notes)
         fut.release()
         yield row, rec
         yield from submit_next()
 
 
-def _failed(row: pd.Series, exc: BaseException, digest: dict, t0: float) -> dict:
+def _partial_error(bad: list[dict], n_tiles: int, show: int = 10) -> str:
+    """The one-line ``error`` of a partial slide: which tiles are missing, the first reason."""
+    if not bad:
+        return ""
+    tiles = [TileFailure(**b) for b in bad]
+    listed = ", ".join(t.where() for t in tiles[:show])
+    more = f" and {len(tiles) - show} more" if len(tiles) > show else ""
+    return _one_line(f"{len(tiles)} of {n_tiles} tiles unreadable, their cells are not "
+                     f"counted: {listed}{more}; first reason: {tiles[0].reason}")
+
+
+def _failed(row: pd.Series, exc: BaseException, digest: dict, t0: float, n_tiles: int = 0,
+            notes: tuple[str, ...] = ()) -> dict:
     log.debug("slide %s failed:\n%s", row["slide_id"], "".join(
         traceback.format_exception(exc)))
-    return {"status": "failed", "error": _one_line(exc), "n_cells": 0, "seconds":
-            time.perf_counter() - t0, "digest": digest}
+    return {"status": "failed", "error": _one_line(exc), "warning": "; ".join(notes),
+            "n_cells": 0, "tiles_planned": n_tiles, "tiles_done": 0,
+            "seconds": time.perf_counter() - t0, "digest": digest}
 
 
 def _record_path(slide_id: str) -> str:
@@ -508,6 +720,7 @@ def _write_slides_csv(out: OutputDir, table: pd.DataFrame, records: dict[str, di
         row = {"slide_id": r["slide_id"], "path": r["path"], "label": r.get("label", ""),
                "status": rec["status"] if rec else "pending",
                "error": rec.get("error", "") if rec else "",
+               "warning": rec.get("warning", "") if rec else "",
                "n_cells": rec.get("n_cells", 0) if rec else 0}
         props = (rec or {}).get("proportions") or [np.nan] * k
         for j in range(k):

@@ -51,44 +51,47 @@ class Level:
     downsample: float
 
 
-def to_rgb8(array: np.ndarray, source: str = "image") -> np.ndarray:
+def to_rgb8(array: np.ndarray, source: str = "image",
+            notes: set[str] | None = None) -> np.ndarray:
     """Convert a decoded image to uint8 RGB (h, w, 3), warning about what was converted.
 
     Grayscale is replicated, alpha is composited over white, 16-bit and float data are
     rescaled to 8 bits. Anything else (e.g. CMYK, multi-channel fluorescence) is refused.
+    The conversions made are also added to ``notes`` when given (a backend keeps them, so
+    the census can report them in ``slides.csv`` whichever process decoded the pixels).
     """
     a = np.asarray(array)
-    notes = []
+    done = []
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)  # planar -> interleaved
     if a.dtype != np.uint8:
         if a.dtype == np.uint16:
             a = (a >> 8).astype(np.uint8)
-            notes.append("16-bit -> 8-bit")
+            done.append("16-bit -> 8-bit")
         elif a.dtype == bool:
             a = a.astype(np.uint8) * 255
-            notes.append("binary -> 8-bit")
+            done.append("binary -> 8-bit")
         elif np.issubdtype(a.dtype, np.floating):
             hi = 1.0 if np.nanmax(a) <= 1.0 else 255.0
             a = np.clip(np.nan_to_num(a) / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            notes.append(f"{array.dtype} -> 8-bit")
+            done.append(f"{array.dtype} -> 8-bit")
         elif np.issubdtype(a.dtype, np.integer):
             info = np.iinfo(a.dtype)
             scale = 255.0 / max(int(a.max()) if a.size else 1, 1) if info.max > 65535 else 1 / 257
             a = np.clip(a * scale, 0, 255).astype(np.uint8)
-            notes.append(f"{array.dtype} -> 8-bit")
+            done.append(f"{array.dtype} -> 8-bit")
         else:
             raise UnsupportedFormatError(source, f"unsupported pixel type {a.dtype}")
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
-        notes.append("grayscale -> RGB")
+        done.append("grayscale -> RGB")
     elif a.ndim == 3 and a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
-        notes.append("grayscale -> RGB")
+        done.append("grayscale -> RGB")
     elif a.ndim == 3 and a.shape[2] == 2:  # gray + alpha
         g, alpha = a[..., 0].astype(np.float32), a[..., 1:2].astype(np.float32) / 255
         a = np.repeat((g[..., None] * alpha + 255 * (1 - alpha) + 0.5).astype(np.uint8), 3, 2)
-        notes.append("grayscale+alpha -> RGB over white")
+        done.append("grayscale+alpha -> RGB over white")
     elif a.ndim == 3 and a.shape[2] == 4:
         alpha = a[..., 3:4]
         if alpha.min() < 255:
@@ -96,13 +99,15 @@ def to_rgb8(array: np.ndarray, source: str = "image") -> np.ndarray:
             a = (a[..., :3] * f + 255 * (1 - f) + 0.5).astype(np.uint8)
         else:
             a = a[..., :3]
-        notes.append("RGBA -> RGB over white")
+        done.append("RGBA -> RGB over white")
     elif not (a.ndim == 3 and a.shape[2] == 3):
         raise UnsupportedFormatError(
             source, f"cannot interpret pixel layout {array.shape} {array.dtype} as RGB"
         )
-    if notes:
-        warnings.warn(f"{source}: converted {', '.join(notes)}", stacklevel=2)
+    if done:
+        warnings.warn(f"{source}: converted {', '.join(done)}", stacklevel=2)
+        if notes is not None:
+            notes.add(f"converted {', '.join(done)}")
     return np.ascontiguousarray(a)
 
 
@@ -126,6 +131,8 @@ class SlideBackend(ABC):
     mpp: float | None
     #: native tile (chunk) edge of each level, in pixels
     chunks: tuple[int, ...]
+    #: pixel conversions made so far (e.g. "converted grayscale -> RGB"); set by backends
+    notes: set[str]
 
     @abstractmethod
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -231,8 +238,10 @@ class _TileCache:
 class _TiledPage:
     """Direct tile decoding for one tiled, contiguous, 8-bit TIFF page."""
 
-    def __init__(self, page: Any, level: int, fd: int, file_size: int, path: str) -> None:
+    def __init__(self, page: Any, level: int, fd: int, file_size: int, path: str,
+                 notes: set[str] | None = None) -> None:
         self.page = page
+        self.notes = notes
         self.level = level
         self.fd = fd
         self.path = path
@@ -268,14 +277,15 @@ class _TiledPage:
         try:
             seg, _, _ = self._decode(data, index, jpegtables=self._tables)
         except Exception as exc:  # codec errors come in many types
+            x, y = (index % self.cols) * self.tw, (index // self.cols) * self.th
             raise CorruptSlideError(
-                self.path, f"corrupt tile {index} of level {self.level}: "
+                self.path, f"corrupt tile {index} of level {self.level} (x={x}, y={y} px): "
                            f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
         if seg is None:
             return np.full((self.th, self.tw, 3), 255, np.uint8)
         seg = np.asarray(seg).reshape(self.th, self.tw, -1)
         if seg.shape[2] != 3 or seg.dtype != np.uint8:
-            seg = to_rgb8(seg, self.path)
+            seg = to_rgb8(seg, self.path, self.notes)
         return seg
 
 
@@ -288,6 +298,7 @@ class TiffBackend(SlideBackend):
         import tifffile
 
         self.path = path
+        self.notes = set()
         try:
             self._tif = tifffile.TiffFile(path)
             series = self._tif.series[0]
@@ -325,7 +336,8 @@ class TiffBackend(SlideBackend):
                 and page.planarconfig == 1 and page.samplesperpixel in (1, 3, 4)
                 and page.imagedepth == 1 and not getattr(page, "is_ndpi", False)
             )
-            tp = _TiledPage(page, i, self._fd, file_size, str(path)) if fast else None
+            tp = (_TiledPage(page, i, self._fd, file_size, str(path), self.notes) if fast
+                  else None)
             self._pages.append(tp)
             chunks.append(page.tilewidth if page is not None and page.is_tiled else 512)
         self.chunks = tuple(chunks)
@@ -347,7 +359,7 @@ class TiffBackend(SlideBackend):
             except Exception as exc:
                 raise CorruptSlideError(self.path, f"failed reading level {level}: "
                                                    f"{type(exc).__name__}: {exc}") from None
-            return to_rgb8(np.asarray(sel), str(self.path))
+            return to_rgb8(np.asarray(sel), str(self.path), self.notes)
         out = np.empty((h, w, 3), np.uint8)
         cache = self._caches[level]
         r0, r1 = y // tp.th, (y + h - 1) // tp.th
@@ -402,6 +414,7 @@ class OpenSlideBackend(SlideBackend):
         except openslide.OpenSlideError as exc:
             raise CorruptSlideError(path, f"OpenSlide cannot read it: {exc}") from None
         self.path = path
+        self.notes = set()
         props = self._osr.properties
         self.format = props.get("openslide.vendor", "openslide")
         self.levels = tuple(
@@ -462,6 +475,7 @@ class ImageBackend(SlideBackend):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.notes = set()
         self.format = path.suffix.lower().lstrip(".") or "image"
         try:
             from PIL import Image
@@ -503,7 +517,7 @@ class ImageBackend(SlideBackend):
 
                     with Image.open(self.path) as im:
                         data = np.asarray(im.convert("RGB"))
-                self._pixels = to_rgb8(data, str(self.path))
+                self._pixels = to_rgb8(data, str(self.path), self.notes)
             return self._pixels
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -583,6 +597,12 @@ class Slide:
     @property
     def level_count(self) -> int:
         return len(self.levels)
+
+    @property
+    def conversions(self) -> tuple[str, ...]:
+        """Pixel conversions made while reading so far (e.g. ``converted grayscale -> RGB``);
+        each also raised a warning. Empty for plain 8-bit RGB slides."""
+        return tuple(sorted(getattr(self._backend, "notes", ())))
 
     def tile_size(self, level: int = 0) -> int:
         """Native tile (chunk) edge of a level, in pixels."""
