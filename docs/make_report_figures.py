@@ -78,6 +78,7 @@ def synthetic(work: Path) -> None:
 def marrow(work: Path) -> None:
     from slidecensus.cluster import get_client
     from slidecensus.engine.gallery import make_gallery
+    from slidecensus.engine.heatmap import HeatmapParams, make_heatmaps
     from slidecensus.engine.pipeline import CensusParams, run_cohort, train_from_cohort
     from slidecensus.models import TrainConfig
 
@@ -92,6 +93,11 @@ def marrow(work: Path) -> None:
                    params=CensusParams(region_um=50))
     make_gallery(work / "marrow-run", per_cluster=24)
     shutil.copy(work / "marrow-run" / "gallery.png", HERE / "img" / "report-gallery-marrow.png")
+    # cluster 4 of this seeded model holds the large nuclei with open chromatin
+    make_heatmaps(work / "marrow-run", "4", name="large-nuclei",
+                  params=HeatmapParams(min_cells=8))
+    shutil.copy(work / "marrow-run" / "heatmaps" / "large-nuclei" / "BM_GRAZ_HE_0006_01.png",
+                HERE / "img" / "report-heatmap-marrow.png")
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 import traceback
 import zlib
@@ -443,15 +442,8 @@ def _model_k(model: str | None) -> int:
 
     try:
         return int(load_model(model).config.k)
-    except CheckpointError as exc:
-        # torch's own message runs to several lines and suggests allow-listing the object
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", exc.reason)
-        if found is None:
-            raise CheckpointError(exc.path, _one_line(exc.reason)) from None
-        raise CheckpointError(exc.path, f"refused: the checkpoint holds a pickled object "
-                                        f"({found.group(1)}), not only weights; models are "
-                                        f"loaded with weights_only=True and no pickled code "
-                                        f"is run") from None
+    except CheckpointError as exc:  # one line for slides.csv and the terminal
+        raise CheckpointError(exc.path, _one_line(exc.reason)) from None
 
 
 def _has_gpu_worker(client: Any) -> bool:
@@ -767,15 +759,37 @@ def sample_slide_crops(path: str, mpp: float | None, params: CensusParams, n_til
     return allc
 
 
+#: Dask event topic on which the training worker reports progress to the client.
+TRAIN_TOPIC = "slidecensus-train"
+
+
 def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
-    from ..models import train_infogan
+    from ..models import format_progress, train_infogan
 
     parts = [s for s in samples if len(s)]
     crops = np.concatenate(parts) if parts else np.zeros((0, 32, 32, 3), np.uint8)
     if len(crops) < config.batch_size:
         raise InvalidInputError(f"only {len(crops)} cells found in the cohort; training needs "
                                 f"at least one batch ({config.batch_size})")
-    return str(train_infogan(crops, config, model_out))
+
+    def progress(rec: dict[str, float]) -> None:
+        # the worker's own log (pod logs on Kubernetes) and the client's terminal
+        log.info("training %s", format_progress(rec))
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(TRAIN_TOPIC, dict(rec))
+        except ValueError:  # not running on a worker
+            pass
+
+    return str(train_infogan(crops, config, model_out, progress=progress))
+
+
+def _show_training(event: tuple[float, dict]) -> None:
+    """Client side of :data:`TRAIN_TOPIC`: log each progress record as it arrives."""
+    from ..models import format_progress
+
+    log.info("training: %s", format_progress(event[1]))
 
 
 def train_from_cohort(
@@ -818,6 +832,12 @@ def train_from_cohort(
             ok.append(fut)
     res_kw = {"resources": {"GPU": 1}} if _has_gpu_worker(client) else {}
     Path(model_out).parent.mkdir(parents=True, exist_ok=True)
-    done = client.submit(_train_task, str(Path(model_out).resolve()), config, *ok, pure=False,
-                         **res_kw)
-    return Path(done.result())
+    log.info("training on the crop samples of %d slides on %s", len(ok),
+             "the GPU worker" if res_kw else "a CPU worker (no worker has a GPU resource)")
+    client.subscribe_topic(TRAIN_TOPIC, _show_training)
+    try:
+        done = client.submit(_train_task, str(Path(model_out).resolve()), config, *ok,
+                             pure=False, **res_kw)
+        return Path(done.result())
+    finally:
+        client.unsubscribe_topic(TRAIN_TOPIC)

@@ -16,7 +16,7 @@ from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_c
 from .infer import CellModel, d_features, generation_grid, load_model, predict, write_png
 from .metrics import entropy, f_score, purity
 from .networks import CriticHead, CriticTrunk, Generator, QHead
-from .train import TrainConfig, gradient_penalty, train_infogan
+from .train import TrainConfig, format_progress, gradient_penalty, train_infogan
 
 __all__ = [
     "FORMAT_VERSION",
@@ -30,6 +30,7 @@ __all__ = [
     "d_features",
     "entropy",
     "f_score",
+    "format_progress",
     "generation_grid",
     "gradient_penalty",
     "load_checkpoint",

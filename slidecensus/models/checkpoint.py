@@ -17,6 +17,7 @@ Layout (``FORMAT_VERSION`` 1)::
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for damaged or foreign files
-        raise CheckpointError(path, f"not a readable weights-only checkpoint ({exc})") from exc
+        # torch's message spans many lines and suggests allow-listing the object: one line
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        if found is not None:
+            reason = (f"refused: the checkpoint holds a pickled object ({found.group(1)}), not "
+                      f"only weights; models are loaded with weights_only=True and no pickled "
+                      f"code is run")
+        else:
+            reason = (f"not a readable weights-only checkpoint ({type(exc).__name__}: "
+                      f"{first[:200]})")
+        raise CheckpointError(path, reason) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(path, f"not a slidecensus cell-model checkpoint "
                                     f"(expected format {FORMAT!r})")

@@ -61,6 +61,7 @@ __all__ = [
     "TrainConfig",
     "build_networks",
     "critic_loss",
+    "format_progress",
     "generator_loss",
     "gradient_penalty",
     "info_loss",
@@ -589,7 +590,12 @@ def train_infogan(
     return out
 
 
+def format_progress(rec: dict[str, float]) -> str:
+    """One progress record as a log line (iterations, speed, the three losses)."""
+    return (f"it {int(rec['iteration'])}/{int(rec['total'])}  {rec['it_per_s']:.2f} it/s  "
+            f"L_D {rec['loss_d']:.3f} (GP {rec['gp']:.3f}, W {rec['w_dist']:.3f})  "
+            f"L_G {rec['loss_g']:.3f}  L_Q {rec['loss_q']:.3f}")
+
+
 def _log_progress(rec: dict[str, float]) -> None:
-    log.info("it %d/%d  %.2f it/s  L_D %.3f (GP %.3f, W %.3f)  L_G %.3f  L_Q %.3f",
-             rec["iteration"], rec["total"], rec["it_per_s"], rec["loss_d"], rec["gp"],
-             rec["w_dist"], rec["loss_g"], rec["loss_q"])
+    log.info("%s", format_progress(rec))

@@ -407,3 +407,23 @@ def test_census_and_segment_command_find_the_same_nuclei(counted, cohort):
                                np.sort(census.x_px.to_numpy()))
     np.testing.assert_allclose(np.sort(alone.area_um2.to_numpy()),
                                np.sort(census.area_um2.to_numpy()))
+
+
+def test_training_on_a_worker_reports_progress_to_the_client(cohort, client, tmp_path, caplog):
+    """Training runs on a worker; its progress must still reach the user's terminal."""
+    import logging
+
+    from slidecensus.engine.pipeline import train_from_cohort
+    from slidecensus.models import TrainConfig
+
+    config = TrainConfig(k=2, width=8, z_dim=8, iterations=4, batch_size=16, seed=0)
+    with caplog.at_level(logging.INFO, logger="slidecensus"):
+        path = train_from_cohort(cohort, tmp_path / "m.pt", config=config, client=client,
+                                 tiles_per_slide=1, cells_per_slide=64)
+        import time
+
+        deadline = time.time() + 10  # events travel asynchronously from the scheduler
+        while "training: it 4/4" not in caplog.text and time.time() < deadline:
+            time.sleep(0.1)
+    assert path.is_file()
+    assert "training: it 4/4" in caplog.text and "L_Q" in caplog.text
