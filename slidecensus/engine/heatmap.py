@@ -182,7 +182,12 @@ def render_heatmap(prop: np.ndarray, region_um: float, extent_um: tuple[float, f
     ax = fig.add_subplot()
     im = _draw_map(ax, prop, region_um, extent_um, thumbnail, vmax, alpha, scale_bar=True)
     ax.set_title(title, fontsize=10)
-    cbar = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
+    return _with_colorbar_png(fig, im, ax, label, shrink=0.85, pad=0.02)
+
+
+def _with_colorbar_png(fig, im, axes, label: str, shrink: float, pad: float) -> bytes:
+    """Add the labelled, opaque colour bar of ``im`` beside ``axes``; the figure as PNG."""
+    cbar = fig.colorbar(im, ax=axes, shrink=shrink, pad=pad)
     cbar.set_label(label, fontsize=9)
     cbar.solids.set_alpha(1.0)
     buf = io.BytesIO()
@@ -215,12 +220,7 @@ def render_overview(panels: Sequence[dict], *, label: str, vmax: float, alpha: f
         ax.set_title(panel["title"], fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.set_axis_off()
-    cbar = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01)
-    cbar.set_label(label, fontsize=9)
-    cbar.solids.set_alpha(1.0)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _with_colorbar_png(fig, im, axes, label, shrink=0.6, pad=0.01)
 
 
 def write_ome_zarr_map(url: str, prop: np.ndarray, region_um: float, mpp: float, name: str
