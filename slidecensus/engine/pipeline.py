@@ -566,7 +566,9 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *, model: str 
     digest = {"params": params.digest(), "model": _model_digest(model),
               "schema": SCHEMA_VERSION}
     out.write_json("manifest.json", {
-        "params": asdict(params), "digest": digest, "model": model, "versions": _versions(),
+        "params": asdict(params), "digest": digest, "versions": _versions(),
+        # absolute, so reports (gallery) find it from any working directory
+        "model": str(Path(model).resolve()) if model else None,
         "cohort": cohort, "max_bad_tiles": max_bad_tiles})
     _check_worker_memory(client, params)
     gpu = _has_gpu_worker(client)
