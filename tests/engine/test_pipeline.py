@@ -20,6 +20,8 @@ from scipy.spatial import cKDTree
 from slidecensus.engine.pipeline import CensusParams, run_cohort
 from slidecensus.tiling.synth import synth_cohort
 
+from .conftest import free_port
+
 pytestmark = pytest.mark.slow
 
 
@@ -181,20 +183,12 @@ def test_classified_census_proportions(cohort, client, tiny_model, tmp_path):
     assert (crops < 200).any(axis=(1, 2, 3)).all()  # every crop holds a stained nucleus
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_inference_runs_only_on_the_gpu_worker(cohort, tiny_model, tmp_path):
     """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1, one started
     with ``--resources GPU=1``: classification tasks run there and nowhere else."""
     from distributed import Client, get_task_stream
 
-    port = _free_port()
+    port = free_port()
     addr = f"tcp://127.0.0.1:{port}"
     exe = shutil.which("dask") or sys.executable
     base = [exe] if exe.endswith("dask") else [sys.executable, "-m", "dask"]
@@ -313,36 +307,6 @@ def test_killed_worker_costs_nothing(cohort, tmp_path, counted):
     for sid in ("synth_000_normal", "synth_001_abnormal"):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cells" / f"{sid}.parquet"),
                                       pd.read_parquet(ref_out / "cells" / f"{sid}.parquet"))
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A real S3-compatible server (moto's server mode) on 127.0.0.1, with a bucket."""
-    port = _free_port()
-    exe = shutil.which("moto_server")
-    cmd = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            fs.mkdir("census-bucket")
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.2)
-    yield fs
-    proc.terminate()
-    proc.wait(10)
 
 
 def test_outputs_on_object_storage(cohort, s3_server, counted):

@@ -313,3 +313,21 @@ def test_gallery_shows_real_and_generated_crops_and_writes_a_naming_template(mod
     real_only = imagecodecs.png_decode(Path(path).read_bytes())
     assert with_gen.shape[1] > real_only.shape[1]  # the generator column is there
     assert with_gen.shape[0] > 200 and with_gen[..., :3].std() > 10
+
+
+def test_reports_read_and_write_a_run_on_object_storage(oracle_run, s3_server, tmp_path):
+    """A run kept on S3 (a real S3-compatible server on loopback): heatmaps and the QuPath
+    export read it there and write beside it, with the same numbers as on disk."""
+    run, _, spec = oracle_run
+    fs = s3_server
+    fs.put(str(run), "census-bucket/run", recursive=True)
+    url = "s3://census-bucket/run"
+    remote = make_heatmaps(url, "myeloblast", name="blast", params=HeatmapParams(min_cells=5))
+    local = make_heatmaps(run, "myeloblast", name="blast", params=HeatmapParams(min_cells=5))
+    pd.testing.assert_frame_equal(remote, local)
+    assert fs.exists(f"census-bucket/run/heatmaps/blast/{spec.slide_id}.png")
+    assert fs.exists(f"census-bucket/run/heatmaps/blast/{spec.slide_id}.ome.zarr/zarr.json")
+    export_geojson(url, slides=[spec.slide_id])
+    doc = json.loads(fs.cat_file(f"census-bucket/run/qupath/{spec.slide_id}.geojson"))
+    assert len(doc["features"]) == len(pd.read_parquet(run / "cells" /
+                                                       f"{spec.slide_id}.parquet"))
