@@ -171,3 +171,29 @@ def test_real_batches_cover_the_four_rotations():
     expected = {tuple(torch.rot90(base[0], r, dims=(1, 2)).flatten().tolist()) for r in range(4)}
     got = {tuple(t.flatten().tolist()) for t in x}
     assert got == expected
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.named_parameters())
+
+
+@pytest.mark.parametrize("q_trains_trunk", [True, False])
+def test_q_step_updates_g_and_q_but_not_the_critic_head(q_trains_trunk):
+    """L_Q is minimised over G and Q (InfoGAN), and over the shared trunk only when asked;
+    the G step moves G alone. Guards the parameter sets of the three optimisers."""
+    cfg = TrainConfig(k=3, z_dim=8, width=8, batch_size=8, q_trains_trunk=q_trains_trunk)
+    trainer = InfoGANTrainer(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    nets = {"G": trainer.G, "trunk": trainer.trunk, "D": trainer.d_head, "Q": trainer.q_head}
+    before = {name: _snapshot(m) for name, m in nets.items()}
+    trainer.q_step()
+    moved = {name: _changed(before[name], m) for name, m in nets.items()}
+    assert moved == {"G": True, "trunk": q_trains_trunk, "D": False, "Q": True}
+    before = {name: _snapshot(m) for name, m in nets.items()}
+    trainer.generator_step()
+    moved = {name: _changed(before[name], m) for name, m in nets.items()}
+    assert moved == {"G": True, "trunk": False, "D": False, "Q": False}
+    assert all(p.requires_grad for p in trainer.d_params)  # the critic is unfrozen again
