@@ -31,7 +31,11 @@ def s3_server(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     import fsspec
+    import s3fs
 
+    # fsspec caches filesystems by their arguments, not by the endpoint in the environment:
+    # an instance left by an earlier server's test would point at a port now closed
+    s3fs.S3FileSystem.clear_instance_cache()
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     deadline = time.monotonic() + 30
     while True:
@@ -44,5 +48,6 @@ def s3_server(monkeypatch):
                 raise
             time.sleep(0.2)
     yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
     proc.terminate()
     proc.wait(10)
