@@ -20,6 +20,7 @@ from scipy.spatial import cKDTree
 from slidecensus.engine.pipeline import CensusParams, run_cohort
 from slidecensus.tiling.synth import synth_cohort
 
+from ..workers import kill_worker_when_segmenting
 from .conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -274,8 +275,6 @@ def test_killed_client_resumes_to_the_same_outputs(tmp_path):
 def test_killed_worker_costs_nothing(cohort, tmp_path, counted):
     """SIGKILL of one of two worker processes mid-run: Dask recomputes what it held and the
     census equals the undisturbed one (no state lives only in a worker)."""
-    import signal
-    import threading
 
     from distributed import Client, LocalCluster
 
@@ -283,22 +282,7 @@ def test_killed_worker_costs_nothing(cohort, tmp_path, counted):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
-        killed = threading.Event()
-
-        def kill_when_busy():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                busy = client.processing()
-                if any(any("segment_tile_task" in str(k) for k in keys)
-                       for keys in busy.values()):
-                    time.sleep(0.3)
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.set()
-                    return
-                time.sleep(0.02)
-
-        t = threading.Thread(target=kill_when_busy, daemon=True)
-        t.start()
+        t, killed = kill_worker_when_segmenting(client, pids[0], delay_s=0.3)
         table = run_cohort(cohort, tmp_path, client=client, params=PARAMS)
         t.join(5)
     assert killed.is_set(), "no worker was killed: the test did not exercise a loss"

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from slidecensus.engine.pipeline import CensusParams, run_cohort
 from slidecensus.errors import InvalidInputError, OutputLockedError
 from slidecensus.tiling import write_pyramid_tiff
 
+from ..workers import kill_worker_when_segmenting
 from .conftest import tiny_model_file
 from .corpus import PARAMS, Corpus, dense_nuclei
 
@@ -238,22 +238,7 @@ def test_killed_worker_gives_the_same_proportions(corpus, tiny_model, tmp_path,
         ref = run_cohort(csv, tmp_path / "undisturbed", client=client, model=tiny_model,
                          params=PARAMS)
         pids = list(client.run(os.getpid).values())
-        killed = threading.Event()
-
-        def kill_when_segmenting() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                busy = client.processing()
-                if any(any("segment_tile_task" in str(k) for k in keys)
-                       for keys in busy.values()):
-                    time.sleep(0.2)
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.set()
-                    return
-                time.sleep(0.01)
-
-        t = threading.Thread(target=kill_when_segmenting, daemon=True)
-        t.start()
+        t, killed = kill_worker_when_segmenting(client, pids[0])
         table = run_cohort(csv, tmp_path / "disturbed", client=client, model=tiny_model,
                            params=PARAMS)
         t.join(10)
