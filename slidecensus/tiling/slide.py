@@ -24,13 +24,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 
 from ..errors import CorruptSlideError, SlideNotFoundError, SlideReadError, UnsupportedFormatError
-from .store import RegionStore
+
+if TYPE_CHECKING:  # zarr is imported where a level is opened as an array: it costs about
+    import zarr  # 0.25 s, which a plain image read (`slidecensus segment x.png`) never needs
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,8 @@ class TiffBackend(SlideBackend):
 
     def level_array(self, level: int) -> zarr.Array:
         if level not in self._arrays:
+            import zarr
+
             store = self._series.aszarr(level=level)
             self._arrays[level] = zarr.open_array(store, mode="r")
         return self._arrays[level]
@@ -450,6 +453,10 @@ class OpenSlideBackend(SlideBackend):
         return (rgba[..., :3] * f + 255 * (1 - f) + 0.5).astype(np.uint8)
 
     def level_array(self, level: int) -> zarr.Array:
+        import zarr
+
+        from .store import RegionStore
+
         store = RegionStore(lambda x, y, w, h: self.read(level, x, y, w, h),
                             self.levels[level].shape, chunk=self.chunks[level])
         return zarr.open_array(store, mode="r")
@@ -524,6 +531,10 @@ class ImageBackend(SlideBackend):
         return self._load()[y : y + h, x : x + w].copy()
 
     def level_array(self, level: int) -> zarr.Array:
+        import zarr
+
+        from .store import RegionStore
+
         store = RegionStore(lambda x, y, w, h: self.read(level, x, y, w, h),
                             self.levels[0].shape, chunk=self.chunks[0])
         return zarr.open_array(store, mode="r")

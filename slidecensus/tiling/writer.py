@@ -19,7 +19,6 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import tifffile
-import zarr
 
 from ..errors import InvalidInputError
 
@@ -162,6 +161,8 @@ def write_pyramid_tiff(
         dtype=np.uint8, tile=(tile_size, tile_size), photometric="rgb", compression="jpeg",
         resolutionunit="CENTIMETER", metadata=None, software=SOFTWARE,
     )
+    import zarr  # lazily: importing the tiling package must not pay for zarr
+
     with tempfile.TemporaryDirectory(prefix="slidecensus-pyramid-") as tmp:
         with tifffile.TiffWriter(part, bigtiff=True) as tw:
             level_shape = (height, width)
