@@ -5,9 +5,14 @@ Measured, never asserted. Sub-commands::
     python benchmarks/bench_models.py speed  [--widths 32 64 128] [--threads 1]
     python benchmarks/bench_models.py blood  [--crop cell|nucleus] [--width 32]
                                              [--iterations 600] [--threads 1]
+    python benchmarks/bench_models.py batch  [--width 128] [--batches 256 1024 4096]
 
 ``speed``: generator iterations per second (one iteration = 5 critic + 1 G + 1 Q steps at
 batch 64) and inference cells per second, on whatever device is present.
+
+``batch``: Q's inference rate and the peak memory of the process for each forward-pass
+size, each in a fresh process (so each peak is its own), on CPU. This is the measurement
+behind ``CPU_PREDICT_BATCH`` in ``slidecensus/engine/pipeline.py``.
 
 ``blood``: the 1200 labelled peripheral blood cells of ../shared/data/blood-cells
 (8 types, Acevedo et al. 2020). A small self-contained nucleus segmentation (MGG stain:
@@ -191,6 +196,47 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     return res
 
 
+def _batch_child(width: int, batch: int, n: int, threads: int) -> dict:
+    """In a fresh process: cells/s of ``predict`` at one batch size, and the peak RSS."""
+    import torch
+
+    from benchmarks.harness import vm_hwm_mb
+    from slidecensus.models import (
+        CellModel,
+        CriticHead,
+        CriticTrunk,
+        Generator,
+        QHead,
+        TrainConfig,
+        predict,
+    )
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = TrainConfig(k=5, width=width)
+    mods = [m.eval().requires_grad_(False) for m in (
+        Generator(cfg.k, cfg.z_dim, width), CriticTrunk(width), CriticHead(width),
+        QHead(width, cfg.k))]
+    model = CellModel(cfg, {}, *mods, device=torch.device("cpu"))
+    crops = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    predict(model, crops[:64], batch_size=64)  # warm-up
+    before = vm_hwm_mb()
+    t, _ = best_of(lambda: predict(model, crops, batch_size=batch), repeat=2)
+    return {"batch": batch, "cells_per_s": n / t, "peak_rss_mb": vm_hwm_mb(),
+            "peak_before_mb": before}
+
+
+def cmd_batch(args: argparse.Namespace) -> dict:
+    import multiprocessing as mp
+
+    rows = []
+    for b in args.batches:
+        with mp.get_context("spawn").Pool(1) as pool:
+            rows.append(pool.apply(_batch_child, (args.width, b, args.n, args.threads)))
+        print(rows[-1], flush=True)
+    return {"width": args.width, "n": args.n, "threads": args.threads, "rows": rows}
+
+
 def cmd_blood(args: argparse.Namespace) -> dict:
     import torch
 
@@ -255,6 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--speed-iterations", type=int, default=6)
     s.add_argument("--infer-n", type=int, default=20000)
+    s = sub.add_parser("batch")
+    s.add_argument("--width", type=int, default=128)
+    s.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
+    s.add_argument("--n", type=int, default=8192)
+    s.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("blood")
     s.add_argument("--crop", choices=["cell", "nucleus"], default="cell")
     s.add_argument("--width", type=int, default=32)
@@ -267,8 +318,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="score the checkpoint as it stands (after an interrupted run)")
     s.add_argument("--grid", action="store_true", help="write docs/img/generator-grid.png")
     args = p.parse_args(argv)
-    res = cmd_speed(args) if args.cmd == "speed" else cmd_blood(args)
-    name = "models_speed" if args.cmd == "speed" else f"models_blood_{args.crop}"
+    cmds = {"speed": cmd_speed, "batch": cmd_batch, "blood": cmd_blood}
+    res = cmds[args.cmd](args)
+    name = {"speed": "models_speed", "batch": "models_batch"}.get(
+        args.cmd, f"models_blood_{getattr(args, 'crop', '')}")
     if not getattr(args, "baselines_only", False):
         write_results(name, res)
 
