@@ -51,8 +51,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .engine.segment import segment_file
 
-    table = segment_file(args.image, args.out, mpp=args.mpp)
+    table = segment_file(args.image, args.out, mpp=args.mpp, crops=args.crops,
+                         crop_masked=args.crop_mode == "masked", geojson=args.geojson)
     print(f"{len(table)} nuclei -> {args.out}")
+    if args.crops is not None:
+        print(f"{len(table)} crops ({args.crop_mode}) -> {args.crops}")
+    if args.geojson is not None:
+        print(f"{len(table)} outlines (QuPath detections) -> {args.geojson}")
     return 0
 
 
@@ -219,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image", type=Path)
     s.add_argument("--out", type=Path, required=True, help="cells table (.parquet)")
     s.add_argument("--mpp", type=float, default=None, help="µm/px for files without it")
+    s.add_argument("--crops", type=Path, default=None,
+                   help="also write the 32 x 32 crops, row i = cell_id i (.zarr or .npy)")
+    s.add_argument("--crop-mode", choices=["masked", "box"], default="masked",
+                   help="masked: outside the nucleus white (Hu et al.); box: the plain window")
+    s.add_argument("--geojson", type=Path, default=None,
+                   help="also write nucleus outlines as QuPath detections (.geojson)")
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from .results import RunResults
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cell_features", "export_geojson", "write_geojson"]
+__all__ = ["GeoJSONWriter", "cell_features", "export_geojson", "write_geojson"]
 
 #: Cell-table columns carried into QuPath as measurements (when present).
 MEASUREMENTS = ("area_um2", "eccentricity", "solidity", "mean_hematoxylin", "mean_eosin")
@@ -73,18 +73,41 @@ def cell_features(cells: pd.DataFrame, k: int, names: dict[int, str] | None = No
                "properties": props}
 
 
+class GeoJSONWriter:
+    """A GeoJSON FeatureCollection written a batch of features at a time (a context manager),
+    so a slide's million features never sit in memory together."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.count = 0
+        self._fh = open(path, "w", encoding="utf-8")
+        self._fh.write('{"type": "FeatureCollection", "features": [\n')
+
+    def write(self, features: Iterable[dict]) -> None:
+        """Append features."""
+        for f in features:
+            if self.count:
+                self._fh.write(",\n")
+            self._fh.write(json.dumps(f, separators=(",", ":"), ensure_ascii=False))
+            self.count += 1
+
+    def close(self) -> None:
+        """Finish the document and close the file."""
+        if not self._fh.closed:
+            self._fh.write("\n]}\n")
+            self._fh.close()
+
+    def __enter__(self) -> GeoJSONWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def write_geojson(features: Iterator[dict], path: str | os.PathLike) -> int:
     """Stream features into a GeoJSON FeatureCollection file; returns the feature count."""
-    n = 0
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write('{"type": "FeatureCollection", "features": [\n')
-        for f in features:
-            if n:
-                fh.write(",\n")
-            fh.write(json.dumps(f, separators=(",", ":"), ensure_ascii=False))
-            n += 1
-        fh.write("\n]}\n")
-    return n
+    with GeoJSONWriter(path) as w:
+        w.write(features)
+    return w.count
 
 
 def _commit(out: OutputDir, rel: str, local_file: Path) -> None:

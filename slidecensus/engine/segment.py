@@ -651,12 +651,18 @@ def segment_file(
     mpp: float | None = None,
     params: SegmentParams | None = None,
     tile_size: int = 2048,
+    *,
+    crops: str | os.PathLike | None = None,
+    crop_masked: bool = True,
+    geojson: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Segment every nucleus of an image or slide file and write the cell table as Parquet.
 
     The stain model is estimated once from tissue pixels of a low-resolution level; tiles of
     level 0 are then read with a halo of ``params.halo_um`` and segmented one after another,
     each keeping the nuclei whose centroid lies in its core. Coordinates are level-0.
+    Optionally the same pass writes every nucleus's 32 x 32 crop and its outline; all
+    outputs are written aside and renamed into place, so a failed run leaves none half-done.
 
     Parameters
     ----------
@@ -671,12 +677,42 @@ def segment_file(
     tile_size : int
         Core size of tiles in level-0 pixels (rounded down to a multiple of the working
         bin so that every tile bins on the same grid as the whole slide).
+    crops : path-like, optional
+        Write the crops (n, 32, 32, 3) uint8, row ``i`` = ``cell_id`` ``i``: ``.zarr`` (a
+        Zarr v3 array, streamed tile by tile) or ``.npy`` (held in memory: about 3 kB a
+        cell). See :func:`~.crops.extract_crops`.
+    crop_masked : bool
+        Crops "with segmentation" (outside the nucleus white, the paper's) or the plain
+        bounding-box window.
+    geojson : path-like, optional
+        Write the nuclei as QuPath detections with polygon outlines
+        (:mod:`~.outlines`), streamed.
 
     Returns
     -------
     pandas.DataFrame
         The cell table (:data:`CELL_COLUMNS`, ``cell_id`` = 0..n-1 in tile order).
     """
+    sinks: list[_CropSink | _GeoSink] = []
+    try:
+        crop_sink = _CropSink(Path(crops), crop_masked) if crops is not None else None
+        sinks += [crop_sink] if crop_sink is not None else []
+        geo_sink = _GeoSink(Path(geojson)) if geojson is not None else None
+        sinks += [geo_sink] if geo_sink is not None else []
+        table = _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink)
+        if out is not None:
+            _write_parquet_atomic(table, Path(out))
+        for sink in sinks:
+            sink.commit()
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    return table
+
+
+def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink) -> pd.DataFrame:
+    """The tile loop of :func:`segment_file`; feeds the optional crop and outline sinks."""
     from ..tiling import open_slide, plan_tiles
 
     params = SegmentParams() if params is None else params
@@ -695,16 +731,113 @@ def segment_file(
         log.debug("stain model from %d pixels: %s", model.n_pixels, model)
         if use is not None:
             tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0, mask=tmask)
-        parts = []
+        parts, n = [], 0
+        want_labels = crop_sink is not None or geo_sink is not None
         for t in tiles:
             rgb = slide.read_region(0, t.rx, t.ry, t.rw, t.rh)
-            tab = segment_tile(rgb, model, params, core=t.core_in_read, mpp=slide_mpp)
+            if not want_labels:
+                tab = segment_tile(rgb, model, params, core=t.core_in_read, mpp=slide_mpp)
+            else:
+                labels, tab = segment_tile_with_labels(rgb, model, params,
+                                                       core=t.core_in_read, mpp=slide_mpp)
+                if len(tab) and crop_sink is not None:
+                    crop_sink.add(rgb, labels, tab)
+                if len(tab) and geo_sink is not None:
+                    from .outlines import nucleus_outlines
+
+                    polys = nucleus_outlines(labels, tab["cell_id"].to_numpy(),
+                                             tab[["x_px", "y_px"]].to_numpy())
+                    polys += (t.rx, t.ry)
             if len(tab):
-                parts.append(shift_cells(tab, t.rx, t.ry, slide_mpp))
+                shift_cells(tab, t.rx, t.ry, slide_mpp)
+                tab["cell_id"] = np.arange(n, n + len(tab), dtype=np.int64)
+                n += len(tab)
+                parts.append(tab)
+                if geo_sink is not None:
+                    geo_sink.add(tab, polys)
     table = pd.concat(parts, ignore_index=True) if parts else empty_cell_table()
     table["cell_id"] = np.arange(len(table), dtype=np.int64)
-    table = table.astype(CELL_COLUMNS)
-    if out is not None:
-        _write_parquet_atomic(table, Path(out))
-    return table
+    return table.astype(CELL_COLUMNS)
+
+
+def _aside(final: Path) -> Path:
+    """A unique temporary name next to ``final`` (same folder, so the rename is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.parent / f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, replacing a file or a directory (a Zarr store) there."""
+    if final.is_dir() and not final.is_symlink():
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+class _CropSink:
+    """32 x 32 crops of every nucleus, tile by tile, into ``.zarr`` (streamed) or ``.npy``."""
+
+    def __init__(self, final: Path, masked: bool) -> None:
+        if final.suffix.lower() not in (".zarr", ".npy"):
+            raise InvalidInputError(f"crops must be written to a .zarr or .npy path, got "
+                                    f"{final}")
+        self.final, self.masked, self.tmp = final, masked, _aside(final)
+        self.parts: list[np.ndarray] = []
+        self.array = None
+        if final.suffix.lower() == ".zarr":
+            import zarr
+
+            self.array = zarr.create_array(str(self.tmp), shape=(0, 32, 32, 3),
+                                           chunks=(4096, 32, 32, 3), dtype=np.uint8,
+                                           zarr_format=3)
+
+    def add(self, rgb: np.ndarray, labels: np.ndarray, tab: pd.DataFrame) -> None:
+        from .crops import extract_crops
+
+        c = extract_crops(rgb, labels, tab, masked=self.masked)
+        if self.array is not None:
+            self.array.append(c, axis=0)
+        else:
+            self.parts.append(c)
+
+    def commit(self) -> None:
+        if self.array is not None:
+            self.array.attrs.update({"crop": "masked" if self.masked else "box",
+                                     "rows": "cell_id"})
+        else:
+            c = (np.concatenate(self.parts) if self.parts
+                 else np.zeros((0, 32, 32, 3), np.uint8))
+            with open(self.tmp, "wb") as fh:
+                np.save(fh, c)
+        _put_in_place(self.tmp, self.final)
+
+    def abort(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.unlink(missing_ok=True)
+
+
+class _GeoSink:
+    """Nucleus outlines as QuPath detections, streamed into a GeoJSON file."""
+
+    def __init__(self, final: Path) -> None:
+        from .export import GeoJSONWriter
+
+        self.final, self.tmp = final, _aside(final)
+        self.writer = GeoJSONWriter(self.tmp)
+
+    def add(self, tab: pd.DataFrame, polys: np.ndarray) -> None:
+        from .outlines import outline_features
+
+        self.writer.write(outline_features(tab, polys))
+
+    def commit(self) -> None:
+        self.writer.close()
+        _put_in_place(self.tmp, self.final)
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
 
