@@ -80,37 +80,60 @@ def extract_crops(
     # window origin: the box centred in the window (integer, so unscaled crops are exact)
     wx = x0 - (side - bw) // 2
     wy = y0 - (side - bh) // 2
-    # sample positions: pixel centres of the crop mapped into the window
-    scale = side / size  # >= 1
-    j = np.arange(size, dtype=np.float64) + 0.5
-    sx = wx[:, None] + j[None, :] * scale[:, None] - 0.5  # (n, size)
-    sy = wy[:, None] + j[None, :] * scale[:, None] - 0.5
+    out = np.empty((n, size, size, 3), np.uint8)
+    # Boxes that fit in ``size`` (most nuclei) are plain copies of the window; only larger
+    # ones are resampled. Pixels are gathered from the uint8 image with clipped indices and
+    # taps outside it are set white, instead of padding a float copy of the whole tile.
+    exact = side == size
+    if exact.any():
+        j = np.arange(size)
+        out[exact] = _gather(img, lab, ids[exact], wy[exact, None] + j, wx[exact, None] + j,
+                             masked)
+    if (~exact).any():
+        out[~exact] = _resample(img, lab, ids[~exact], wx[~exact], wy[~exact],
+                                side[~exact], size, masked)
+    return out
+
+
+def _gather(img, lab, ids, iy, ix, masked):
+    """Crops at integer positions ``iy`` (m, s) x ``ix`` (m, s); white outside the image
+    (and outside each nucleus when ``masked``)."""
     h, w = lab.shape
-    # pad once by one white pixel so bilinear taps at the border stay in bounds
-    pad = np.pad(img, ((1, 1), (1, 1), (0, 0)), constant_values=255).astype(np.float32)
-    lpad = np.pad(lab, 1, constant_values=0)
+    cy, cx = np.clip(iy, 0, h - 1)[:, :, None], np.clip(ix, 0, w - 1)[:, None, :]
+    g = img[cy, cx]
+    valid = ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :]
+    if masked:
+        valid &= lab[cy, cx] == ids[:, None, None]
+    g[~valid] = 255
+    return g
+
+
+def _resample(img, lab, ids, wx, wy, side, size, masked):
+    """Bilinear crops of ``side``-px windows scaled to ``size`` (pixels beyond the image
+    are white); mask and image-edge tests use the nearest pixel."""
+    h, w = lab.shape
+    scale = side / size  # > 1
+    j = np.arange(size, dtype=np.float64) + 0.5
+    sx = wx[:, None] + j[None, :] * scale[:, None] - 0.5  # (m, size)
+    sy = wy[:, None] + j[None, :] * scale[:, None] - 0.5
     fx, fy = np.floor(sx), np.floor(sy)
     ax, ay = (sx - fx)[:, None, :, None], (sy - fy)[:, :, None, None]
-    ix0 = np.clip(fx.astype(np.int64) + 1, 0, w + 1)
-    iy0 = np.clip(fy.astype(np.int64) + 1, 0, h + 1)
-    ix1 = np.clip(ix0 + 1, 0, w + 1)
-    iy1 = np.clip(iy0 + 1, 0, h + 1)
-    yy0, yy1 = iy0[:, :, None], iy1[:, :, None]
-    xx0, xx1 = ix0[:, None, :], ix1[:, None, :]
-    out = (
-        pad[yy0, xx0] * (1 - ay) * (1 - ax)
-        + pad[yy0, xx1] * (1 - ay) * ax
-        + pad[yy1, xx0] * ay * (1 - ax)
-        + pad[yy1, xx1] * ay * ax
-    )
-    # nearest sample for masks and for "outside the image"
-    nx = np.clip(np.floor(sx + 0.5).astype(np.int64) + 1, 0, w + 1)
-    ny = np.clip(np.floor(sy + 0.5).astype(np.int64) + 1, 0, h + 1)
-    inside_x = (sx > -0.5) & (sx < w - 0.5)
-    inside_y = (sy > -0.5) & (sy < h - 0.5)
-    valid = inside_y[:, :, None] & inside_x[:, None, :]
+    ix0, iy0 = fx.astype(np.int64), fy.astype(np.int64)
+
+    def tap(iy, ix):
+        t = img[np.clip(iy, 0, h - 1)[:, :, None], np.clip(ix, 0, w - 1)[:, None, :]]
+        off = ~(((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :])
+        t[off] = 255
+        return t.astype(np.float32)
+
+    out = ((tap(iy0, ix0) * (1 - ax) + tap(iy0, ix0 + 1) * ax) * (1 - ay)
+           + (tap(iy0 + 1, ix0) * (1 - ax) + tap(iy0 + 1, ix0 + 1) * ax) * ay)
+    nx = np.floor(sx + 0.5).astype(np.int64)
+    ny = np.floor(sy + 0.5).astype(np.int64)
+    valid = ((sy > -0.5) & (sy < h - 0.5))[:, :, None] & ((sx > -0.5) & (sx < w - 0.5))[:, None, :]
     if masked:
-        valid &= lpad[ny[:, :, None], nx[:, None, :]] == ids[:, None, None]
+        cy, cx = np.clip(ny, 0, h - 1)[:, :, None], np.clip(nx, 0, w - 1)[:, None, :]
+        valid &= lab[cy, cx] == ids[:, None, None]
     out = np.rint(out).astype(np.uint8)
     out[~valid] = 255
     return out
