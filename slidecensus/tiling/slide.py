@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import CorruptSlideError, SlideNotFoundError, SlideReadError, UnsupportedFormatError
 
 if TYPE_CHECKING:  # zarr is imported where a level is opened as an array: it costs about
-    import zarr  # 0.25 s, which a plain image read (`slidecensus segment x.png`) never needs
+    import zarr  # 0.2 s, which a plain image read (`slidecensus segment x.png`) never needs
 
 log = logging.getLogger(__name__)
 
