@@ -64,7 +64,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .engine.pipeline import CensusParams, run_cohort
 
-    params = CensusParams(tile_size=args.tile_size, region_um=args.region_um)
+    params = CensusParams(tile_size=args.tile_size, region_um=args.region_um,
+                          outlines=args.outlines)
     model = args.model
     if model is None and not args.no_classify:
         # the contract: `run` without --model trains on the cohort first (resumable)
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local, local:N, tcp://host:port, kubernetes[:NAME]")
     s.add_argument("--tile-size", type=int, default=2048, help="tile core in level-0 px")
     s.add_argument("--region-um", type=float, default=256.0, help="map region edge in µm")
+    s.add_argument("--outlines", action="store_true",
+                   help="keep every nucleus's outline (cells' outline_px; `export` then "
+                        "writes polygons for QuPath)")
     s.add_argument("--slides-in-flight", type=int, default=2)
     s.add_argument("--max-bad-tiles", type=int, default=0,
                    help="unreadable tiles a slide may have and still be counted (as 'partial', "

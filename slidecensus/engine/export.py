@@ -23,6 +23,7 @@ import pandas as pd
 
 from .clusters import cluster_colors, cluster_label
 from .cohort import safe_name
+from .outlines import outline_geometry
 from .outputs import OutputDir
 from .results import RunResults
 
@@ -38,11 +39,12 @@ _UNCLASSIFIED_COLOR = (120, 120, 120)
 
 def cell_features(cells: pd.DataFrame, k: int, names: dict[int, str] | None = None
                   ) -> Iterator[dict]:
-    """One GeoJSON point Feature per cell, classified by its cluster (pure; streams).
+    """One GeoJSON Feature per cell, classified by its cluster (pure; streams).
 
     ``cells`` needs ``x_px, y_px`` (level-0 centroid, pixel-centre convention as
     ``regionprops`` reports it) and optionally ``cluster``, ``p_0..p_{k-1}``, ``cell_id``
-    and the shape/stain features.
+    and the shape/stain features. A cell is a Point at its centroid, or its nucleus outline
+    (a Polygon) when the table has ``outline_px`` (a census run with ``--outlines``).
     """
     names = names or {}
     colors = cluster_colors(k, names) if k else []
@@ -55,6 +57,7 @@ def cell_features(cells: pd.DataFrame, k: int, names: dict[int, str] | None = No
     meas = cells[meas_cols + prob_cols].to_numpy(np.float64) if meas_cols or prob_cols else None
     ids = cells["cell_id"].to_numpy(np.int64) if "cell_id" in cells else np.arange(len(cells))
     labels = {j: cluster_label(j, names) for j in range(-1, k)}
+    outlines = cells["outline_px"].to_numpy() if "outline_px" in cells else None
     for i in range(len(cells)):
         c = int(cluster[i])
         props: dict = {"objectType": "detection", "name": f"cell {ids[i]}"}
@@ -67,10 +70,13 @@ def cell_features(cells: pd.DataFrame, k: int, names: dict[int, str] | None = No
                 if np.isfinite(v):
                     m[name] = round(float(v), 5)
         props["measurements"] = m
-        yield {"type": "Feature",
-               "geometry": {"type": "Point", "coordinates": [round(float(x[i]), 2),
-                                                             round(float(y[i]), 2)]},
-               "properties": props}
+        if outlines is not None:
+            geom = outline_geometry(np.asarray(outlines[i], np.float64).reshape(-1, 2),
+                                    x[i] - 0.5, y[i] - 0.5)
+        else:
+            geom = {"type": "Point", "coordinates": [round(float(x[i]), 2),
+                                                     round(float(y[i]), 2)]}
+        yield {"type": "Feature", "geometry": geom, "properties": props}
 
 
 class GeoJSONWriter:

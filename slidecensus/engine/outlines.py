@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..errors import InvalidInputError
 
-__all__ = ["nucleus_outlines", "outline_features"]
+__all__ = ["nucleus_outlines", "outline_features", "outline_geometry", "pack_outlines"]
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:
@@ -93,6 +93,24 @@ def nucleus_outlines(
     return out
 
 
+def pack_outlines(polygons: np.ndarray) -> list[np.ndarray]:
+    """One flat float32 array ``[x0, y0, x1, y1, ...]`` per nucleus, empty sectors dropped:
+    the ``outline_px`` column of a census cell table (a Parquet list column)."""
+    ok = np.isfinite(polygons[:, :, 0])
+    flat = polygons.astype(np.float32)
+    return [flat[i][ok[i]].ravel() for i in range(len(polygons))]
+
+
+def outline_geometry(vertices: np.ndarray, x: float, y: float) -> dict:
+    """GeoJSON geometry of one nucleus: its closed ring of ``vertices`` (m, 2) in pixel-edge
+    coordinates, or a Point at the centroid (``x, y`` in pixel-centre coordinates) when
+    there are fewer than 3 vertices."""
+    if len(vertices) >= 3:
+        pts = np.round(np.asarray(vertices, np.float64), 2).tolist()
+        return {"type": "Polygon", "coordinates": [pts + [pts[0]]]}
+    return {"type": "Point", "coordinates": [round(float(x) + 0.5, 2), round(float(y) + 0.5, 2)]}
+
+
 def outline_features(
     cells: pd.DataFrame,
     polygons: np.ndarray,
@@ -108,15 +126,10 @@ def outline_features(
     cols = [c for c in measurements if c in cells]
     meas = cells[cols].to_numpy(np.float64) if cols else np.zeros((len(cells), 0))
     ids = cells["cell_id"].to_numpy(np.int64)
-    cx = cells["x_px"].to_numpy(np.float64) + 0.5
-    cy = cells["y_px"].to_numpy(np.float64) + 0.5
+    cx = cells["x_px"].to_numpy(np.float64)
+    cy = cells["y_px"].to_numpy(np.float64)
     for i in range(len(cells)):
-        ring = polygons[i][np.isfinite(polygons[i, :, 0])]
-        if len(ring) >= 3:
-            pts = np.round(ring, 2).tolist()
-            geom = {"type": "Polygon", "coordinates": [pts + [pts[0]]]}
-        else:
-            geom = {"type": "Point", "coordinates": [round(cx[i], 2), round(cy[i], 2)]}
+        geom = outline_geometry(polygons[i][np.isfinite(polygons[i, :, 0])], cx[i], cy[i])
         m = {c: round(float(v), 5) for c, v in zip(cols, meas[i], strict=True)
              if np.isfinite(v)}
         yield {"type": "Feature", "geometry": geom,

@@ -87,6 +87,7 @@ class CensusParams:
     gallery_crops: int = 256
     seed: int = 0
     segment: SegmentParams = field(default_factory=SegmentParams)
+    outlines: bool = False  # keep each nucleus's outline polygon (cells' ``outline_px``)
 
     def __post_init__(self) -> None:
         lo, hi = TILE_SIZE_RANGE
@@ -179,6 +180,12 @@ def _segment_tile_on(slide: Any, plan_mpp: float, tile: Tile, stain: StainModel,
                                              plan_mpp)
     crops = extract_crops(rgb, labels, table, size=params.crop_size,
                           masked=params.masked_crops)
+    if params.outlines:
+        from .outlines import nucleus_outlines, pack_outlines
+
+        polys = nucleus_outlines(labels, table["cell_id"].to_numpy(),
+                                 table[["x_px", "y_px"]].to_numpy())
+        table["outline_px"] = pack_outlines(polys + (tile.rx, tile.ry))
     return shift_cells(table, tile.rx, tile.ry, plan_mpp), crops
 
 

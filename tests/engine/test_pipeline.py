@@ -375,3 +375,36 @@ def test_training_on_a_worker_reports_progress_to_the_client(cohort, client, tmp
             time.sleep(0.1)
     assert path.is_file()
     assert "training: it 4/4" in caplog.text and "L_Q" in caplog.text
+
+
+def test_census_outlines_reach_qupath(cohort, client, tiny_model, tmp_path):
+    """`run --outlines`: every cell keeps its nucleus polygon in level-0 pixels (holding its
+    centroid, with the table's area), the census itself is unchanged, and `export` writes
+    classified polygons."""
+    from matplotlib.path import Path as MplPath
+
+    from slidecensus.engine.export import export_geojson
+
+    with_outlines = CensusParams(tile_size=512, region_um=128.0, outlines=True)
+    run_cohort(cohort, tmp_path / "a", client=client, model=tiny_model, params=with_outlines)
+    run_cohort(cohort, tmp_path / "b", client=client, model=tiny_model, params=PARAMS)
+    name = "synth_001_abnormal.parquet"
+    a = pd.read_parquet(tmp_path / "a" / "cells" / name)
+    b = pd.read_parquet(tmp_path / "b" / "cells" / name)
+    pd.testing.assert_frame_equal(a.drop(columns="outline_px"), b)
+    held, area_ratio = 0, []
+    for (x, y, area_um2), flat in zip(a[["x_px", "y_px", "area_um2"]].to_numpy(),
+                                      a["outline_px"], strict=True):
+        ring = np.asarray(flat, np.float64).reshape(-1, 2)
+        held += len(ring) >= 3 and MplPath(ring).contains_point((x + 0.5, y + 0.5))
+        px, py = ring[:, 0], ring[:, 1]
+        area_px = 0.5 * abs(np.dot(px, np.roll(py, -1)) - np.dot(py, np.roll(px, -1)))
+        area_ratio.append(area_px * 0.5**2 / area_um2)  # the synthetic slides are 0.5 µm/px
+    assert held >= 0.99 * len(a) and len(a) > 100
+    assert 0.95 <= np.median(area_ratio) <= 1.05
+    export_geojson(str(tmp_path / "a"))
+    feats = json.loads((tmp_path / "a" / "qupath" / "synth_001_abnormal.geojson").read_text()
+                       )["features"]
+    assert len(feats) == len(a)
+    assert sum(f["geometry"]["type"] == "Polygon" for f in feats) >= 0.99 * len(a)
+    assert all("classification" in f["properties"] for f in feats)
