@@ -19,9 +19,10 @@ RUN python -m pip install --no-cache-dir --index-url https://download.pytorch.or
 
 COPY pyproject.toml README.md ./
 COPY slidecensus ./slidecensus
-# OpenSlide comes with the openslide-bin wheel (a dependency); s3fs for s3:// outputs
-RUN python -m pip install --no-cache-dir ".[s3]" \
-    && python -I -c "import slidecensus.cli, openslide, s3fs, torch, distributed; print(openslide.__library_version__, torch.__version__)"
+# OpenSlide comes with the openslide-bin wheel (a dependency); s3fs for s3:// outputs;
+# bokeh for the Dask dashboard
+RUN python -m pip install --no-cache-dir ".[s3,dashboard]" \
+    && python -I -c "import slidecensus.cli, openslide, s3fs, torch, distributed, bokeh; print(openslide.__library_version__, torch.__version__)"
 
 # pods run as this numeric user (runAsNonRoot needs a number); HOME and scratch live in /tmp
 USER 10001:10001

@@ -21,8 +21,8 @@ RUN python -m pip install --no-cache-dir torch==2.13.0
 
 COPY pyproject.toml README.md ./
 COPY slidecensus ./slidecensus
-RUN python -m pip install --no-cache-dir ".[s3]" \
-    && python -I -c "import slidecensus.cli, openslide, s3fs, torch, distributed; print(openslide.__library_version__, torch.__version__)"
+RUN python -m pip install --no-cache-dir ".[s3,dashboard]" \
+    && python -I -c "import slidecensus.cli, openslide, s3fs, torch, distributed, bokeh; print(openslide.__library_version__, torch.__version__)"
 
 USER 10001:10001
 WORKDIR /tmp

@@ -110,7 +110,7 @@ def job_run(tmp_path_factory):
         address = f"tcp://127.0.0.1:{port}"
         client = Client(address, timeout=60)
         with client:
-            for path in ("/health", "/api/v1/adaptive_target"):
+            for path in ("/health", "/api/v1/adaptive_target", "/status"):
                 with urllib.request.urlopen(f"http://127.0.0.1:{dash}{path}", timeout=30) as r:
                     rec[path] = (r.status, r.read().decode())
 
@@ -174,6 +174,13 @@ def test_scheduler_from_the_manifest_serves_probes_and_the_autoscaler_api(job_ru
     assert status == 200 and body.strip() == "ok"
     status, body = job_run["/api/v1/adaptive_target"]
     assert status == 200 and "workers" in json.loads(body)
+
+
+def test_scheduler_from_the_manifest_serves_the_dashboard(job_run):
+    """The images install the `dashboard` extra (bokeh), so 8787 is the Dask dashboard (a
+    Bokeh document loading bokeh.min.js), not Dask's "Dask needs bokeh" page."""
+    status, body = job_run["/status"]
+    assert status == 200 and "static/js/bokeh.min.js" in body and "Dask needs" not in body
 
 
 def test_workers_from_the_manifest_register_as_specified(job_run):
