@@ -69,16 +69,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     model = args.model
     if model is None and not args.no_classify:
         # the contract: `run` without --model trains on the cohort first (resumable)
+        from .engine.modelfiles import is_url, model_exists
         from .engine.pipeline import train_from_cohort
         from .models import TrainConfig
 
-        if "://" in args.out:
-            raise InvalidInputError(
-                f"--out {args.out} is object storage: pass --model (training writes a local "
-                f"checkpoint that the workers must be able to read; train first with "
-                f"`slidecensus train COHORT --out model.pt` on shared storage)")
-        model = Path(args.out) / "model.pt"
-        if not model.exists():
+        # next to the outputs; on object storage the training worker uploads it there
+        model = (f"{args.out.rstrip('/')}/model.pt" if is_url(args.out)
+                 else str(Path(args.out) / "model.pt"))
+        if not model_exists(model):
             train_from_cohort(args.cohort, model, config=TrainConfig(k=args.k),
                               cluster=args.cluster, params=params)
     table = run_cohort(args.cohort, args.out, model=model, cluster=args.cluster,
@@ -150,7 +148,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     from .engine.classify import apply_run, classify_run, format_report
-    from .errors import InvalidInputError
 
     if args.apply is not None:
         if args.save_model is not None:
@@ -235,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")
     s.add_argument("cohort", help="CSV with a path column, a folder, or a quoted glob")
-    s.add_argument("--out", type=Path, required=True, help="checkpoint file (.pt)")
+    s.add_argument("--out", required=True, help="checkpoint file (.pt; a path or s3://...)")
     s.add_argument("--k", type=int, default=5, help="cell clusters (categorical code values)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--width", type=int, default=128, help="channels of the residual blocks")
@@ -250,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("cohort", help="CSV with a path column, a folder, or a quoted glob")
     s.add_argument("--out", required=True,
                    help="output folder: a local path or an fsspec URL such as s3://bucket/run")
-    s.add_argument("--model", type=Path, default=None, help="trained checkpoint (.pt)")
+    s.add_argument("--model", default=None, help="trained checkpoint (.pt; a path or s3://...)")
     s.add_argument("--cluster", default="local",
                    help="local, local:N, tcp://host:port, kubernetes[:NAME]")
     s.add_argument("--tile-size", type=int, default=2048, help="tile core in level-0 px")

@@ -53,8 +53,9 @@ def crop_mosaic(crops: np.ndarray, columns: int, pad: int = 2, rows: int | None 
 def _generated(model_path: str, n: int, seed: int) -> list[np.ndarray] | None:
     """G's images per code: a list over clusters of (n, 32, 32, 3) uint8."""
     from ..models import generation_grid, load_model
+    from .modelfiles import local_model
 
-    model = load_model(model_path, device="cpu")
+    model = load_model(local_model(model_path), device="cpu")
     grid = generation_grid(model, n_rows=n, seed=seed, pad=0)
     return [np.stack([grid[r * 32:(r + 1) * 32, j * 32:(j + 1) * 32] for r in range(n)])
             for j in range(model.k)]

@@ -41,6 +41,7 @@ import pandas as pd
 from ..errors import InvalidInputError, SlidecensusError, SlideReadError, TileError
 from ..tiling import Tile, TissueMask, cached_slide, open_slide, plan_tiles, tissue_mask_rgb
 from .cohort import read_cohort, safe_name
+from .modelfiles import is_url, local_model, model_exists
 from .outputs import OutputDir, RunLock
 from .segment import (
     CELL_COLUMNS,
@@ -260,7 +261,7 @@ def classify_task(model_path: str | None, seed: tuple[int, ...], first_tile: int
         from ..models import load_model, predict
 
         _match_torch_threads()
-        model = load_model(model_path)
+        model = load_model(local_model(model_path))
         allc = (np.concatenate([c for _, c in tiles]) if sum(sizes)
                 else np.zeros((0, 32, 32, 3), np.uint8))
         gpu = str(getattr(model, "device", "cpu")).startswith("cuda")
@@ -435,7 +436,7 @@ def _model_digest(model: str | None) -> str:
     if model is None:
         return "none"
     h = hashlib.sha256()
-    with open(model, "rb") as fh:
+    with open(local_model(model), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
@@ -448,7 +449,7 @@ def _model_k(model: str | None) -> int:
     from ..models import CheckpointError, load_model
 
     try:
-        return int(load_model(model).config.k)
+        return int(load_model(local_model(model)).config.k)
     except CheckpointError as exc:  # one line for slides.csv and the terminal
         raise CheckpointError(exc.path, _one_line(exc.reason)) from None
 
@@ -528,7 +529,8 @@ def run_cohort(
         ``cells/<slide_id>.parquet``,
         ``manifest.json`` and ``slides/<slide_id>.json`` (the per-slide commit records).
         Held with ``out/.lock`` for the length of the run (see :class:`RunLock`).
-    model : checkpoint of a trained model; without it cells are counted, not classified.
+    model : checkpoint of a trained model, a local path or an fsspec URL (fetched once per
+        host, see :mod:`.modelfiles`); without it cells are counted, not classified.
     client : a ``distributed.Client``; else one is made from ``cluster``.
     slides_in_flight : slides whose graphs are on the cluster at once (bounded graph size).
     batch_tiles : tiles whose crops are classified together (1 to 64).
@@ -545,7 +547,7 @@ def run_cohort(
         raise InvalidInputError(f"max_bad_tiles must be >= 0, got {max_bad_tiles}")
     table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
     model = str(model) if model is not None else None
-    if model is not None and not Path(model).is_file():
+    if model is not None and not model_exists(model):
         raise InvalidInputError(f"model checkpoint {model} does not exist")
     k = _model_k(model)  # loads it: a foreign or damaged checkpoint stops here
     out = out if isinstance(out, OutputDir) else OutputDir(out)
@@ -575,7 +577,7 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *, model: str 
     out.write_json("manifest.json", {
         "params": asdict(params), "digest": digest, "versions": _versions(),
         # absolute, so reports (gallery) find it from any working directory
-        "model": str(Path(model).resolve()) if model else None,
+        "model": (model if is_url(model) else str(Path(model).resolve())) if model else None,
         "cohort": cohort, "max_bad_tiles": max_bad_tiles})
     _check_worker_memory(client, params)
     gpu = _has_gpu_worker(client)
@@ -774,6 +776,7 @@ TRAIN_TOPIC = "slidecensus-train"
 
 def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
     from ..models import format_progress, train_infogan
+    from .modelfiles import cache_dir, publish_model
 
     parts = [s for s in samples if len(s)]
     crops = np.concatenate(parts) if parts else np.zeros((0, 32, 32, 3), np.uint8)
@@ -791,7 +794,15 @@ def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
         except ValueError:  # not running on a worker
             pass
 
-    return str(train_infogan(crops, config, model_out, progress=progress))
+    if not is_url(model_out):
+        return str(train_infogan(crops, config, model_out, progress=progress))
+    # object storage: train into this worker's cache (an interrupted run resumes there when
+    # it lands on the same worker), then upload the finished checkpoint in one PUT
+    local = cache_dir() / f"train-{hashlib.sha256(model_out.encode()).hexdigest()[:16]}.pt"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    train_infogan(crops, config, local, progress=progress)
+    publish_model(local, model_out)
+    return model_out
 
 
 def _show_training(event: tuple[float, dict]) -> None:
@@ -812,10 +823,11 @@ def train_from_cohort(
     tiles_per_slide: int = 8,
     cells_per_slide: int = 2000,
     seed: int = 0,
-) -> Path:
+) -> Path | str:
     """Gather a seeded sample of crops across the cohort and train the model on one worker
     (the GPU worker when the cluster has one). Slides that fail to open are skipped with a
-    warning; training needs at least one batch of cells."""
+    warning; training needs at least one batch of cells. ``model_out`` may be an fsspec URL
+    (``s3://bucket/run/model.pt``): the worker uploads the finished checkpoint there."""
     from ..models import TrainConfig
 
     params = params or CensusParams()
@@ -840,13 +852,17 @@ def train_from_cohort(
         else:
             ok.append(fut)
     res_kw = {"resources": {"GPU": 1}} if _has_gpu_worker(client) else {}
-    Path(model_out).parent.mkdir(parents=True, exist_ok=True)
+    if is_url(model_out):
+        target = str(model_out)
+    else:
+        Path(model_out).parent.mkdir(parents=True, exist_ok=True)
+        target = str(Path(model_out).resolve())
     log.info("training on the crop samples of %d slides on %s", len(ok),
              "the GPU worker" if res_kw else "a CPU worker (no worker has a GPU resource)")
     client.subscribe_topic(TRAIN_TOPIC, _show_training)
     try:
-        done = client.submit(_train_task, str(Path(model_out).resolve()), config, *ok,
-                             pure=False, **res_kw)
-        return Path(done.result())
+        done = client.submit(_train_task, target, config, *ok, pure=False, **res_kw)
+        result = done.result()
+        return result if is_url(result) else Path(result)
     finally:
         client.unsubscribe_topic(TRAIN_TOPIC)

@@ -104,5 +104,7 @@ class RunResults:
 
     def model_path(self) -> str | None:
         """The checkpoint the run classified with, when it is still where the run saw it."""
+        from .modelfiles import model_exists
+
         model = self.manifest.get("model")
-        return model if model and Path(model).is_file() else None
+        return model if model and model_exists(model) else None

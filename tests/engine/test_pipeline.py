@@ -408,3 +408,65 @@ def test_census_outlines_reach_qupath(cohort, client, tiny_model, tmp_path):
     assert len(feats) == len(a)
     assert sum(f["geometry"]["type"] == "Polygon" for f in feats) >= 0.99 * len(a)
     assert all("classification" in f["properties"] for f in feats)
+
+
+def test_model_trained_into_and_read_from_object_storage(cohort, s3_server, tmp_path,
+                                                         monkeypatch):
+    """Kubernetes has no shared disk: the model is trained on a worker and uploaded to s3://,
+    the census reads it from there, and the clusters equal those of a run with a local copy
+    of the same checkpoint."""
+    from distributed import Client, LocalCluster
+
+    from slidecensus.engine.pipeline import train_from_cohort
+    from slidecensus.engine.results import RunResults
+    from slidecensus.models import TrainConfig
+
+    monkeypatch.setenv("SLIDECENSUS_CACHE", str(tmp_path / "cache"))  # workers inherit it
+    monkeypatch.chdir(tmp_path)  # a URL mistaken for a path would appear here as ./s3:
+    model_url = "s3://census-bucket/models/m.pt"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        got = train_from_cohort(cohort, model_url, client=client, params=PARAMS,
+                                config=TrainConfig(k=3, width=16, iterations=4, batch_size=32,
+                                                   seed=0))
+        assert got == model_url
+        assert s3_server.exists("census-bucket/models/m.pt")
+        s3_server.get_file("census-bucket/models/m.pt", str(tmp_path / "copy.pt"))
+        remote = run_cohort(cohort, "s3://census-bucket/run2", client=client,
+                            model=model_url, params=PARAMS)
+        local = run_cohort(cohort, tmp_path / "local", client=client,
+                           model=tmp_path / "copy.pt", params=PARAMS)
+    assert not (tmp_path / "s3:").exists()
+    ok = remote.status == "ok"
+    assert ok.sum() == 2
+    pd.testing.assert_frame_equal(remote.loc[ok, ["slide_id", "n_cells", "p_0", "p_1", "p_2"]],
+                                  local.loc[ok, ["slide_id", "n_cells", "p_0", "p_1", "p_2"]])
+    with s3_server.open("census-bucket/run2/cells/synth_001_abnormal.parquet") as fh:
+        cells = pd.read_parquet(fh)
+    ref = pd.read_parquet(tmp_path / "local" / "cells" / "synth_001_abnormal.parquet")
+    np.testing.assert_array_equal(cells.cluster, ref.cluster)
+    assert cells.cluster.between(0, 2).all()
+    res = RunResults("s3://census-bucket/run2")
+    assert res.manifest["model"] == model_url and res.model_path() == model_url
+
+
+def test_local_model_follows_a_retrained_object(s3_server, tmp_path, monkeypatch):
+    """A checkpoint fetched from a URL is cached by the object's version: replacing the
+    object at the same URL fetches the new one; a missing object is a clear error."""
+    from slidecensus.engine.modelfiles import local_model, model_exists, publish_model
+    from slidecensus.errors import InvalidInputError
+
+    monkeypatch.setenv("SLIDECENSUS_CACHE", str(tmp_path / "cache"))
+    url = "s3://census-bucket/m/model.pt"
+    assert not model_exists(url)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        local_model(url)
+    (tmp_path / "a.pt").write_bytes(b"first")
+    publish_model(tmp_path / "a.pt", url)
+    first = local_model(url)
+    assert Path(first).read_bytes() == b"first" and local_model(url) == first
+    (tmp_path / "b.pt").write_bytes(b"second, longer")
+    publish_model(tmp_path / "b.pt", url)
+    second = local_model(url)
+    assert second != first and Path(second).read_bytes() == b"second, longer"
+    assert local_model(tmp_path / "a.pt") == str(tmp_path / "a.pt")  # local paths pass through
