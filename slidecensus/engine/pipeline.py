@@ -796,9 +796,11 @@ def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
 
     if not is_url(model_out):
         return str(train_infogan(crops, config, model_out, progress=progress))
-    # object storage: train into this worker's cache (an interrupted run resumes there when
-    # it lands on the same worker), then upload the finished checkpoint in one PUT
-    local = cache_dir() / f"train-{hashlib.sha256(model_out.encode()).hexdigest()[:16]}.pt"
+    # object storage: train into this worker's cache (an interrupted run with the same
+    # target and configuration resumes there when it lands on the same worker), then upload
+    # the finished checkpoint in one PUT
+    key = json.dumps([model_out, config.to_dict()], sort_keys=True, default=str)
+    local = cache_dir() / f"train-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     local.parent.mkdir(parents=True, exist_ok=True)
     train_infogan(crops, config, local, progress=progress)
     publish_model(local, model_out)
