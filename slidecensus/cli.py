@@ -49,9 +49,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .engine.segment import segment_file
+    from .engine.segment import segment_file, segment_params_from
 
-    table = segment_file(args.image, args.out, mpp=args.mpp, crops=args.crops,
+    table = segment_file(args.image, args.out, mpp=args.mpp,
+                         params=segment_params_from(args.set), crops=args.crops,
                          crop_masked=args.crop_mode == "masked", geojson=args.geojson)
     print(f"{len(table)} nuclei -> {args.out}")
     if args.crops is not None:
@@ -63,9 +64,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .engine.pipeline import CensusParams, run_cohort
+    from .engine.segment import segment_params_from
 
     params = CensusParams(tile_size=args.tile_size, region_um=args.region_um,
-                          outlines=args.outlines)
+                          outlines=args.outlines, segment=segment_params_from(args.set))
     model = args.model
     if model is None and not args.no_classify:
         # the contract: `run` without --model trains on the cohort first (resumable)
@@ -91,7 +93,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.pipeline import train_from_cohort
+    from .engine.pipeline import CensusParams, train_from_cohort
+    from .engine.segment import segment_params_from
     from .models import TrainConfig
 
     kw = {"k": args.k, "seed": args.seed, "width": args.width}
@@ -99,8 +102,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         kw["epochs"] = args.epochs
     if args.iterations is not None:
         kw["iterations"] = args.iterations
+    params = CensusParams(segment=segment_params_from(args.set))
     path = train_from_cohort(args.cohort, args.out, config=TrainConfig(**kw),
-                             cluster=args.cluster, seed=args.seed,
+                             cluster=args.cluster, seed=args.seed, params=params,
                              tiles_per_slide=args.tiles_per_slide,
                              cells_per_slide=args.cells_per_slide)
     print(f"model written: {path}")
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masked: outside the nucleus white (Hu et al.); box: the plain window")
     s.add_argument("--geojson", type=Path, default=None,
                    help="also write nucleus outlines as QuPath detections (.geojson)")
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a segmentation parameter (SegmentParams, physical units), e.g. "
+                        "hematoxylin_threshold=150 or min_area_um2=12; repeatable")
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")
@@ -240,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iterations", type=int, default=None, help="overrides --epochs")
     s.add_argument("--tiles-per-slide", type=int, default=8)
     s.add_argument("--cells-per-slide", type=int, default=2000)
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a segmentation parameter (SegmentParams, physical units), e.g. "
+                        "hematoxylin_threshold=150 or min_area_um2=12; repeatable")
     s.add_argument("--cluster", default="local")
     s.set_defaults(func=_cmd_train)
 
@@ -255,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outlines", action="store_true",
                    help="keep every nucleus's outline (cells' outline_px; `export` then "
                         "writes polygons for QuPath)")
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a segmentation parameter (SegmentParams, physical units), e.g. "
+                        "hematoxylin_threshold=150 or min_area_um2=12; repeatable")
     s.add_argument("--slides-in-flight", type=int, default=2)
     s.add_argument("--max-bad-tiles", type=int, default=0,
                    help="unreadable tiles a slide may have and still be counted (as 'partial', "

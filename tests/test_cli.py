@@ -81,3 +81,30 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path, capsys):
     assert abs(props.sum(axis=1) - 1).max() < 1e-9
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "census" / "census.zarr").is_dir()
     assert "truth_cells" in capsys.readouterr().out
+
+
+def test_segment_parameters_are_set_from_the_command_line(marrow_pngs, tmp_path, capsys):
+    """`--set min_area_um2=30` reaches the segmentation: no nucleus under 30 µm² is left,
+    and fewer nuclei are found than with the default 9.4 µm²."""
+    base, small = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    assert main(["segment", str(marrow_pngs[0]), "--out", str(base)]) == 0
+    assert main(["segment", str(marrow_pngs[0]), "--out", str(small),
+                 "--set", "min_area_um2=30", "--set", "hematoxylin-threshold=135"]) == 0
+    a, b = pd.read_parquet(base), pd.read_parquet(small)
+    assert a.area_um2.min() < 30 <= b.area_um2.min()
+    assert len(b) < len(a)
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("min_area=3", "NAME one of hematoxylin_threshold, smooth_um"),
+    ("min_area_um2", "expected NAME=VALUE"),
+    ("min_area_um2=big", "'big' is not a number"),
+    ("hematoxylin_threshold=300", "hematoxylin_threshold must be in (0, 255)"),
+])
+def test_bad_segment_parameter_stops_a_run_before_work(item, message, tmp_path, capsys):
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("path\nnone.svs\n")
+    assert main(["run", str(cohort), "--out", str(tmp_path / "out"), "--no-classify",
+                 "--set", item]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

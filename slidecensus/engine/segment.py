@@ -226,6 +226,33 @@ class SegmentParams:
         )
 
 
+def segment_params_from(overrides: list[str] | tuple[str, ...] = ()) -> SegmentParams:
+    """:class:`SegmentParams` with ``NAME=VALUE`` overrides (the CLI's ``--set``), checked.
+
+    Raises
+    ------
+    InvalidInputError
+        For an unknown name, a value that is not a number, or a value out of range; the
+        message lists the names.
+    """
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(SegmentParams)]
+    kw: dict[str, float] = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names:
+            raise InvalidInputError(f"--set {item!r}: expected NAME=VALUE with NAME one of "
+                                    f"{', '.join(names)}")
+        try:
+            kw[name] = float(value)
+        except ValueError:
+            raise InvalidInputError(f"--set {item!r}: {value.strip()!r} is not a number"
+                                    ) from None
+    return SegmentParams(**kw)
+
+
 # --------------------------------------------------------------------------- morphology
 
 
