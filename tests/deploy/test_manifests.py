@@ -358,7 +358,7 @@ def test_job_command_is_a_census_run_the_cli_accepts():
     ns = build_parser().parse_args(args[1:])
     assert ns.command == "run"
     assert ns.cluster == env["DASK_SCHEDULER_ADDRESS"]  # not an embedded LocalCluster
-    assert str(ns.model) == env["MODEL"] and ns.model.is_absolute()
+    assert ns.model == env["MODEL"] and Path(ns.model).is_absolute()
     assert env["OUT"].startswith("s3://")
     for path in (env["COHORT"], env["MODEL"]):  # read from the shared data volume
         assert path.startswith(sk.DATA_MOUNT + "/")
@@ -372,6 +372,10 @@ def test_job_output_url_survives_the_cli():
     env = {**kube.container_env(c, SECRETS), "DASK_SCHEDULER_ADDRESS": "tcp://s:1"}
     ns = build_parser().parse_args([kube.expand(a, env) for a in c["args"]][1:])
     assert str(ns.out) == env["OUT"]
+    # a model kept in object storage (trained on the cluster) keeps its URL too
+    env["MODEL"] = "s3://slidecensus-results/models/model.pt"
+    ns = build_parser().parse_args([kube.expand(a, env) for a in c["args"]][1:])
+    assert ns.model == env["MODEL"]
 
 
 def test_init_container_waits_for_a_gpu_worker():
