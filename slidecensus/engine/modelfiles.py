@@ -5,7 +5,8 @@ so a model trained on the GPU worker is uploaded next to them, and every process
 classifies with it (workers, the client, report commands) reads it through a local copy.
 The copy is cached per process host under ``$SLIDECENSUS_CACHE/models`` (default
 ``~/.cache/slidecensus/models``), keyed by the URL and the object's version (ETag or
-modification time, and size), so a retrained model at the same URL is fetched again.
+modification time, and size), so a retrained model at the same URL is fetched again; each
+process checks a URL's version at most once every :data:`RECHECK_S` seconds.
 ``slidecensus.models`` itself only ever sees local files (it uses torch and numpy only).
 """
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from ..errors import InvalidInputError
 
 __all__ = ["is_url", "local_model", "model_exists", "publish_model"]
+
+#: Seconds a fetched URL's version is trusted before the object is checked again.
+RECHECK_S = 60.0
+_RECENT: dict[str, tuple[float, str]] = {}
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -60,6 +66,9 @@ def local_model(model: str | os.PathLike) -> str:
     if not is_url(model):
         return str(model)
     url = str(model)
+    seen = _RECENT.get(url)
+    if seen is not None and time.monotonic() - seen[0] < RECHECK_S and Path(seen[1]).is_file():
+        return seen[1]  # one version check per URL a minute, not one per classify task
     fs, path = _fs(url)
     try:
         info = fs.info(path)
@@ -77,6 +86,7 @@ def local_model(model: str | os.PathLike) -> str:
             os.replace(tmp, target)  # concurrent fetches on one host each rename a whole file
         finally:
             tmp.unlink(missing_ok=True)
+    _RECENT[url] = (time.monotonic(), str(target))
     return str(target)
 
 
@@ -85,3 +95,4 @@ def publish_model(local: str | os.PathLike, target: str) -> None:
     fs, path = _fs(target)
     fs.put_file(str(local), path)
     fs.invalidate_cache(path)
+    _RECENT.pop(target, None)  # this process sees the new version at once
