@@ -100,6 +100,9 @@ def test_segment_parameters_are_set_from_the_command_line(marrow_pngs, tmp_path,
     ("min_area_um2", "expected NAME=VALUE"),
     ("min_area_um2=big", "'big' is not a number"),
     ("hematoxylin_threshold=300", "hematoxylin_threshold must be in (0, 255)"),
+    ("halo_um=inf", "halo_um must be a finite number"),
+    ("smooth_um=nan", "smooth_um must be a finite number"),
+    ("min_area_um2=500", "min_area_um2 (500.0) must be below max_area_um2 (400.0)"),
 ])
 def test_bad_segment_parameter_stops_a_run_before_work(item, message, tmp_path, capsys):
     cohort = tmp_path / "cohort.csv"

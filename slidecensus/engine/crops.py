@@ -126,8 +126,9 @@ def _resample(img, lab, ids, wx, wy, side, size, masked):
         t[off] = 255
         return t.astype(np.float32)
 
-    out = ((tap(iy0, ix0) * (1 - ax) + tap(iy0, ix0 + 1) * ax) * (1 - ay)
-           + (tap(iy0 + 1, ix0) * (1 - ax) + tap(iy0 + 1, ix0 + 1) * ax) * ay)
+    # the same sum in the same order as before, so resampled crops stay bit-identical
+    out = (tap(iy0, ix0) * (1 - ay) * (1 - ax) + tap(iy0, ix0 + 1) * (1 - ay) * ax
+           + tap(iy0 + 1, ix0) * ay * (1 - ax) + tap(iy0 + 1, ix0 + 1) * ay * ax)
     nx = np.floor(sx + 0.5).astype(np.int64)
     ny = np.floor(sy + 0.5).astype(np.int64)
     valid = ((sy > -0.5) & (sy < h - 0.5))[:, :, None] & ((sx > -0.5) & (sx < w - 0.5))[:, None, :]

@@ -31,7 +31,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import pandas as pd
 from ..errors import InvalidInputError, SlidecensusError, SlideReadError, TileError
 from ..tiling import Tile, TissueMask, cached_slide, open_slide, plan_tiles, tissue_mask_rgb
 from .cohort import read_cohort, safe_name
-from .modelfiles import is_url, local_model, model_exists
+from .modelfiles import ModelRef, is_url, local_model, model_exists, pin_model
 from .outputs import OutputDir, RunLock
 from .segment import (
     CELL_COLUMNS,
@@ -239,7 +239,7 @@ TileResult = tuple[pd.DataFrame, np.ndarray, np.ndarray]
 of its crops for galleries, and those crops' row numbers in the tile's table."""
 
 
-def classify_task(model_path: str | None, seed: tuple[int, ...], first_tile: int,
+def classify_task(model_path: str | ModelRef | None, seed: tuple[int, ...], first_tile: int,
                   quota: int, *segmented: tuple[pd.DataFrame, np.ndarray] | TileFailure
                   ) -> list[TileResult | TileFailure]:
     """Push the crops of several tiles through Q in batches (model loaded once).
@@ -432,7 +432,7 @@ def _one_line(exc: BaseException | str) -> str:
     return " ".join(msg.split())[:500]
 
 
-def _model_digest(model: str | None) -> str:
+def _model_digest(model: str | ModelRef | None) -> str:
     if model is None:
         return "none"
     h = hashlib.sha256()
@@ -442,7 +442,7 @@ def _model_digest(model: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _model_k(model: str | None) -> int:
+def _model_k(model: str | ModelRef | None) -> int:
     """The model's k; loading it first refuses foreign or damaged checkpoints in one line."""
     if model is None:
         return 0
@@ -549,6 +549,9 @@ def run_cohort(
     model = str(model) if model is not None else None
     if model is not None and not model_exists(model):
         raise InvalidInputError(f"model checkpoint {model} does not exist")
+    # a URL is pinned to its current version here: every worker classifies with exactly
+    # the checkpoint whose digest the run records, even if it is retrained meanwhile
+    model = pin_model(model) if model is not None else None
     k = _model_k(model)  # loads it: a foreign or damaged checkpoint stops here
     out = out if isinstance(out, OutputDir) else OutputDir(out)
     out.makedirs()
@@ -564,7 +567,8 @@ def run_cohort(
             return _run_locked(table, out, c, **kw)
 
 
-def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *, model: str | None,
+def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
+                model: str | ModelRef | None,
                 k: int, params: CensusParams, slides_in_flight: int, batch_tiles: int,
                 max_bad_tiles: int, cohort: str) -> pd.DataFrame:
     """The run proper, with the output folder's lock held."""
@@ -577,7 +581,7 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *, model: str 
     out.write_json("manifest.json", {
         "params": asdict(params), "digest": digest, "versions": _versions(),
         # absolute, so reports (gallery) find it from any working directory
-        "model": (model if is_url(model) else str(Path(model).resolve())) if model else None,
+        "model": (str(model) if is_url(model) else str(Path(model).resolve())) if model else None,
         "cohort": cohort, "max_bad_tiles": max_bad_tiles})
     _check_worker_memory(client, params)
     gpu = _has_gpu_worker(client)
@@ -804,6 +808,7 @@ def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
     local.parent.mkdir(parents=True, exist_ok=True)
     train_infogan(crops, config, local, progress=progress)
     publish_model(local, model_out)
+    local.unlink()  # kept only while unfinished: a later retraining must start afresh
     return model_out
 
 
@@ -832,7 +837,8 @@ def train_from_cohort(
     (``s3://bucket/run/model.pt``): the worker uploads the finished checkpoint there."""
     from ..models import TrainConfig
 
-    params = params or CensusParams()
+    # outlines are not needed for the training sample
+    params = replace(params or CensusParams(), outlines=False)
     config = config or TrainConfig(seed=seed)
     table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
     if client is None:

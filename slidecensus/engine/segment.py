@@ -172,6 +172,12 @@ class SegmentParams:
     work_mpp: float = 0.5
 
     def __post_init__(self) -> None:
+        import dataclasses
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not (isinstance(v, int | float) and math.isfinite(v)):
+                raise InvalidInputError(f"{f.name} must be a finite number, got {v!r}")
         if not 0.0 < self.hematoxylin_threshold < 255.0:
             raise InvalidInputError(
                 f"hematoxylin_threshold must be in (0, 255), got {self.hematoxylin_threshold}"
@@ -179,6 +185,9 @@ class SegmentParams:
         for name in ("min_area_um2", "max_area_um2", "halo_um", "work_mpp"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.min_area_um2 >= self.max_area_um2:
+            raise InvalidInputError(f"min_area_um2 ({self.min_area_um2}) must be below "
+                                    f"max_area_um2 ({self.max_area_um2})")
         if not 0.0 < self.max_eccentricity <= 1.0:
             raise InvalidInputError(
                 f"max_eccentricity must be in (0, 1], got {self.max_eccentricity}"
@@ -720,6 +729,9 @@ def segment_file(
     pandas.DataFrame
         The cell table (:data:`CELL_COLUMNS`, ``cell_id`` = 0..n-1 in tile order).
     """
+    for target in (out, crops, geojson):
+        if target is not None and Path(target).is_dir() and Path(target).suffix != ".zarr":
+            raise InvalidInputError(f"{target} is a folder; give a file path")
     sinks: list[_CropSink | _GeoSink] = []
     try:
         crop_sink = _CropSink(Path(crops), crop_masked) if crops is not None else None
@@ -727,14 +739,16 @@ def segment_file(
         geo_sink = _GeoSink(Path(geojson)) if geojson is not None else None
         sinks += [geo_sink] if geo_sink is not None else []
         table = _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink)
-        if out is not None:
-            _write_parquet_atomic(table, Path(out))
-        for sink in sinks:
-            sink.commit()
+        for sink in sinks:  # every output complete under its temporary name ...
+            sink.finish()
     except BaseException:
         for sink in sinks:
             sink.abort()
         raise
+    for sink in sinks:  # ... then renamed into place, the table last
+        sink.place()
+    if out is not None:
+        _write_parquet_atomic(table, Path(out))
     return table
 
 
@@ -794,12 +808,21 @@ def _aside(final: Path) -> Path:
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``, replacing a file or a directory (a Zarr store) there."""
-    if final.is_dir() and not final.is_symlink():
-        import shutil
+    """Rename ``tmp`` to ``final``. A directory there (an earlier Zarr store) is first
+    renamed aside and deleted only once the new one is in place, so a failure keeps it."""
+    if not (final.is_dir() and not final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    import shutil
 
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    old = _aside(final)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class _CropSink:
@@ -810,26 +833,37 @@ class _CropSink:
             raise InvalidInputError(f"crops must be written to a .zarr or .npy path, got "
                                     f"{final}")
         self.final, self.masked, self.tmp = final, masked, _aside(final)
-        self.parts: list[np.ndarray] = []
+        self.parts: list[np.ndarray] = []  # .npy: every crop; .zarr: less than one chunk
         self.array = None
         if final.suffix.lower() == ".zarr":
             import zarr
 
             self.array = zarr.create_array(str(self.tmp), shape=(0, 32, 32, 3),
-                                           chunks=(4096, 32, 32, 3), dtype=np.uint8,
+                                           chunks=(self.CHUNK, 32, 32, 3), dtype=np.uint8,
                                            zarr_format=3)
 
     def add(self, rgb: np.ndarray, labels: np.ndarray, tab: pd.DataFrame) -> None:
         from .crops import extract_crops
 
-        c = extract_crops(rgb, labels, tab, masked=self.masked)
-        if self.array is not None:
-            self.array.append(c, axis=0)
-        else:
-            self.parts.append(c)
+        self.parts.append(extract_crops(rgb, labels, tab, masked=self.masked))
+        if self.array is not None and sum(map(len, self.parts)) >= self.CHUNK:
+            self._flush(whole_chunks=True)
 
-    def commit(self) -> None:
+    CHUNK = 4096
+
+    def _flush(self, whole_chunks: bool) -> None:
+        """Append buffered crops to the Zarr array in whole chunks (each chunk is encoded
+        once), or all of them at the end."""
+        c = np.concatenate(self.parts)
+        n = len(c) - len(c) % self.CHUNK if whole_chunks else len(c)
+        if n:
+            self.array.append(c[:n], axis=0)
+        self.parts = [c[n:]] if n < len(c) else []
+
+    def finish(self) -> None:
         if self.array is not None:
+            if self.parts:
+                self._flush(whole_chunks=False)
             self.array.attrs.update({"crop": "masked" if self.masked else "box",
                                      "rows": "cell_id"})
         else:
@@ -837,6 +871,8 @@ class _CropSink:
                  else np.zeros((0, 32, 32, 3), np.uint8))
             with open(self.tmp, "wb") as fh:
                 np.save(fh, c)
+
+    def place(self) -> None:
         _put_in_place(self.tmp, self.final)
 
     def abort(self) -> None:
@@ -860,8 +896,10 @@ class _GeoSink:
 
         self.writer.write(outline_features(tab, polys))
 
-    def commit(self) -> None:
+    def finish(self) -> None:
         self.writer.close()
+
+    def place(self) -> None:
         _put_in_place(self.tmp, self.final)
 
     def abort(self) -> None:

@@ -74,7 +74,7 @@ def test_outlines_follow_the_ids_given_and_stay_in_the_image():
     assert polys.shape == (2, 32, 2)
     p5, p1 = (p[np.isfinite(p[:, 0])] for p in polys)
     assert p1[:, 0].max() <= 29 and p1[:, 0].min() >= 11  # nucleus 1 only, not 2 beside it
-    assert p5[:, 0].max() <= 80 and p5[:, 1].min() >= 0  # clipped to the image
+    assert p5[:, 0].max() <= 80 and p5[:, 1].min() >= 0  # inside the image
     assert p5[:, 0].min() >= 67
 
 
@@ -164,16 +164,28 @@ def test_tiled_slide_crops_and_outlines_match_the_whole_image(cmu_svs, tmp_path)
     assert close >= 0.98 * len(ti)
 
 
-def test_failed_segment_leaves_no_partial_outputs(marrow_pngs, tmp_path):
-    """The table cannot be written (its path is a folder): neither crops nor outlines appear,
-    and no temporary file is left behind."""
-    blocked = tmp_path / "cells.parquet"
-    blocked.mkdir()
-    (blocked / "keep").write_text("x")
-    with pytest.raises(OSError):
-        G.segment_file(marrow_pngs[0], blocked, crops=tmp_path / "c.zarr",
-                       geojson=tmp_path / "c.geojson")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.parquet"]
+def test_failed_segment_leaves_no_partial_outputs(marrow_pngs, tmp_path, monkeypatch):
+    """A tile that fails half-way through a slide: neither the table, the crops nor the
+    outlines appear, and no temporary file is left behind. Output paths that are folders,
+    or crops that are neither .zarr nor .npy, are refused before any work."""
+    calls = []
+    real = G.segment_tile_with_labels
+
+    def third_tile_fails(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk gone")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(G, "segment_tile_with_labels", third_tile_fails)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        G.segment_file(marrow_pngs[0], tmp_path / "t.parquet", tile_size=512,
+                       crops=tmp_path / "c.zarr", geojson=tmp_path / "c.geojson")
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(G, "segment_tile_with_labels", real)
+    (tmp_path / "cells.parquet").mkdir()
+    with pytest.raises(InvalidInputError, match="is a folder"):
+        G.segment_file(marrow_pngs[0], tmp_path / "cells.parquet", crops=tmp_path / "c.zarr")
     with pytest.raises(InvalidInputError, match=r"\.zarr or \.npy"):
         G.segment_file(marrow_pngs[0], tmp_path / "t.parquet", crops=tmp_path / "c.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.parquet"]
@@ -188,3 +200,23 @@ def test_segment_command_writes_crops_and_outlines(marrow_pngs, tmp_path, capsys
     assert len(json.loads(geo.read_text())["features"]) == n
     text = capsys.readouterr().out
     assert f"{n} crops (box)" in text and f"{n} outlines" in text
+
+
+def test_zarr_crops_stream_in_whole_chunks_and_replace_an_earlier_store(marrow_pngs, tmp_path,
+                                                                        monkeypatch):
+    """Tiles of crops are buffered into whole Zarr chunks (100 here, so several flushes and
+    a remainder): the store equals the in-memory .npy of the same run. Writing again over
+    the store replaces it whole and leaves nothing else behind."""
+    monkeypatch.setattr(G._CropSink, "CHUNK", 100)
+    import zarr
+
+    ref = G.segment_file(marrow_pngs[2], None, tile_size=512, crops=tmp_path / "r.npy",
+                         crop_masked=False)
+    G.segment_file(marrow_pngs[2], None, tile_size=512, crops=tmp_path / "c.zarr")
+    table = G.segment_file(marrow_pngs[2], None, tile_size=512, crops=tmp_path / "c.zarr",
+                           crop_masked=False)
+    arr = zarr.open_array(str(tmp_path / "c.zarr"), mode="r")
+    assert len(table) == len(ref) > 300 and arr.chunks[0] == 100
+    assert arr.attrs["crop"] == "box"
+    np.testing.assert_array_equal(arr[:], np.load(tmp_path / "r.npy"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "r.npy"]

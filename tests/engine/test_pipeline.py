@@ -437,6 +437,8 @@ def test_model_trained_into_and_read_from_object_storage(cohort, s3_server, tmp_
         local = run_cohort(cohort, tmp_path / "local", client=client,
                            model=tmp_path / "copy.pt", params=PARAMS)
     assert not (tmp_path / "s3:").exists()
+    # the worker's training file is gone once uploaded: a later retraining starts afresh
+    assert not list((tmp_path / "cache" / "models").glob("train-*.pt"))
     ok = remote.status == "ok"
     assert ok.sum() == 2
     pd.testing.assert_frame_equal(remote.loc[ok, ["slide_id", "n_cells", "p_0", "p_1", "p_2"]],
@@ -451,9 +453,12 @@ def test_model_trained_into_and_read_from_object_storage(cohort, s3_server, tmp_
 
 
 def test_local_model_follows_a_retrained_object(s3_server, tmp_path, monkeypatch):
-    """A checkpoint fetched from a URL is cached by the object's version: replacing the
-    object at the same URL fetches the new one; a missing object is a clear error."""
-    from slidecensus.engine.modelfiles import local_model, model_exists, publish_model
+    """A checkpoint at a URL is fetched by version (ETag): a retrained object at the same URL
+    (same size) is fetched again, while a run's pinned version keeps its own copy and is
+    never silently swapped for the new object."""
+    import shutil
+
+    from slidecensus.engine.modelfiles import local_model, model_exists, pin_model, publish_model
     from slidecensus.errors import InvalidInputError
 
     monkeypatch.setenv("SLIDECENSUS_CACHE", str(tmp_path / "cache"))
@@ -461,12 +466,17 @@ def test_local_model_follows_a_retrained_object(s3_server, tmp_path, monkeypatch
     assert not model_exists(url)
     with pytest.raises(InvalidInputError, match="does not exist"):
         local_model(url)
-    (tmp_path / "a.pt").write_bytes(b"first")
+    (tmp_path / "a.pt").write_bytes(b"first!")
     publish_model(tmp_path / "a.pt", url)
-    first = local_model(url)
-    assert Path(first).read_bytes() == b"first" and local_model(url) == first
-    (tmp_path / "b.pt").write_bytes(b"second, longer")
+    pinned = pin_model(url)
+    first = local_model(pinned)
+    assert Path(first).read_bytes() == b"first!" and local_model(url) == first
+    (tmp_path / "b.pt").write_bytes(b"second")  # the same size: only the version differs
     publish_model(tmp_path / "b.pt", url)
     second = local_model(url)
-    assert second != first and Path(second).read_bytes() == b"second, longer"
+    assert second != first and Path(second).read_bytes() == b"second"
+    assert local_model(pinned) == first  # the run's version, from the cache
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(InvalidInputError, match="changed during the run"):
+        local_model(pinned)  # that version is gone from the store: refused, not swapped
     assert local_model(tmp_path / "a.pt") == str(tmp_path / "a.pt")  # local paths pass through
