@@ -198,6 +198,13 @@ class _null:
         return False
 
 
+def _add_segment_set(parser: argparse.ArgumentParser) -> None:
+    """The ``--set NAME=VALUE`` option of the commands that segment (segment, train, run)."""
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a segmentation parameter (SegmentParams, physical units), e.g. "
+                             "hematoxylin_threshold=150 or min_area_um2=12; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``slidecensus`` command (exposed for tests and docs)."""
     p = argparse.ArgumentParser(
@@ -232,9 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masked: outside the nucleus white (Hu et al.); box: the plain window")
     s.add_argument("--geojson", type=Path, default=None,
                    help="also write nucleus outlines as QuPath detections (.geojson)")
-    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a segmentation parameter (SegmentParams, physical units), e.g. "
-                        "hematoxylin_threshold=150 or min_area_um2=12; repeatable")
+    _add_segment_set(s)
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")
@@ -247,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iterations", type=int, default=None, help="overrides --epochs")
     s.add_argument("--tiles-per-slide", type=int, default=8)
     s.add_argument("--cells-per-slide", type=int, default=2000)
-    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a segmentation parameter (SegmentParams, physical units), e.g. "
-                        "hematoxylin_threshold=150 or min_area_um2=12; repeatable")
+    _add_segment_set(s)
     s.add_argument("--cluster", default="local")
     s.set_defaults(func=_cmd_train)
 
@@ -265,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outlines", action="store_true",
                    help="keep every nucleus's outline (cells' outline_px; `export` then "
                         "writes polygons for QuPath)")
-    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="a segmentation parameter (SegmentParams, physical units), e.g. "
-                        "hematoxylin_threshold=150 or min_area_um2=12; repeatable")
+    _add_segment_set(s)
     s.add_argument("--slides-in-flight", type=int, default=2)
     s.add_argument("--max-bad-tiles", type=int, default=0,
                    help="unreadable tiles a slide may have and still be counted (as 'partial', "
