@@ -28,7 +28,8 @@ def _worker_peak_mb() -> float:
 def run_once(cohort: Path, out: Path, workers: int) -> dict:
     from distributed import Client, LocalCluster, get_task_stream
 
-    from slidecensus.engine.pipeline import CensusParams, run_cohort
+    from slidecensus.engine.census import run_cohort
+    from slidecensus.engine.plan import CensusParams
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       host="127.0.0.1", dashboard_address=None) as cluster, \

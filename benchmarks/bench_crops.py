@@ -27,13 +27,13 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from benchmarks.harness import best_of, write_results  # noqa: E402
-from slidecensus.engine.crops import extract_crops  # noqa: E402
-from slidecensus.engine.segment import (  # noqa: E402
+from slidecensus.nuclei.crops import extract_crops  # noqa: E402
+from slidecensus.nuclei.segment import (  # noqa: E402
     segment_image,
     segment_tile_with_labels,
     stain_sample,
 )
-from slidecensus.engine.stain import estimate_stain_model  # noqa: E402
+from slidecensus.nuclei.stain import estimate_stain_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SLIDECENSUS_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -44,7 +44,7 @@ def _old_extract(rev: str):
     src = subprocess.run(["git", "show", f"{rev}:slidecensus/engine/crops.py"], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
     src = src.replace("from ..errors import", "from slidecensus.errors import")
-    src = src.replace("from .stain import", "from slidecensus.engine.stain import")
+    src = src.replace("from .stain import", "from slidecensus.nuclei.stain import")
     path = Path(tempfile.mkdtemp()) / "crops_old.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("crops_old", path)

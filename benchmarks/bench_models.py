@@ -12,7 +12,7 @@ batch 64) and inference cells per second, on whatever device is present.
 
 ``batch``: Q's inference rate and the peak memory of the process for each forward-pass
 size, each in a fresh process (so each peak is its own), on CPU. This is the measurement
-behind ``CPU_PREDICT_BATCH`` in ``slidecensus/engine/pipeline.py``.
+behind ``CPU_PREDICT_BATCH`` in ``slidecensus/engine/tasks.py``.
 
 ``blood``: the 1200 labelled peripheral blood cells of ../shared/data/blood-cells
 (8 types, Acevedo et al. 2020). A small self-contained nucleus segmentation (MGG stain:

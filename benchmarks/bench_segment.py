@@ -7,7 +7,7 @@ Run (one core, as reported in docs/benchmarks.md):
 
 For every bone-marrow image it times (a) HistomicsTK 1.4: Reinhard -> Macenko -> colour
 deconvolution -> threshold 120 -> fill holes -> multiscale LoG + max-clustering (Kofahi) ->
-area open 200 -> compaction 3, and (b) the whole ``slidecensus.engine.segment.segment_file``
+area open 200 -> compaction 3, and (b) the whole ``slidecensus.nuclei.segment.segment_file``
 (PNG read, stain model, segmentation, Parquet write), and scores both by Hungarian matching
 within 12 px (classes 1 and 3). Tuning split: patients 0001 and 0002 (4 images) were used to
 choose parameters; 0003, 0004, 0006 are held out. MoNuSeg: pixel Dice, AJI and detection F1
@@ -30,15 +30,15 @@ import numpy as np  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
 
 from benchmarks.harness import best_of, write_results  # noqa: E402
-from slidecensus.engine.scoring import (  # noqa: E402
+from slidecensus.nuclei.scoring import (  # noqa: E402
     DetectionCounts,
     aggregated_jaccard_index,
     detection_counts,
     match_instances,
     pixel_dice,
 )
-from slidecensus.engine.segment import segment_file, segment_image  # noqa: E402
-from slidecensus.engine.stain import TARGET_LAB_MEAN, TARGET_LAB_STD  # noqa: E402
+from slidecensus.nuclei.segment import segment_file, segment_image  # noqa: E402
+from slidecensus.nuclei.stain import TARGET_LAB_MEAN, TARGET_LAB_STD  # noqa: E402
 
 DATA = Path(os.environ.get("SLIDECENSUS_SHARED_DATA",
                            Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import write_results
-from slidecensus.engine.scoring import match_points
-from slidecensus.engine.segment import SegmentParams, _bin_rgb, segment_image
-from slidecensus.engine.stain import estimate_stain_model, stain_concentrations
+from slidecensus.nuclei.scoring import match_points
+from slidecensus.nuclei.segment import SegmentParams, _bin_rgb, segment_image
+from slidecensus.nuclei.stain import estimate_stain_model, stain_concentrations
 
 DATA = Path(os.environ.get("SLIDECENSUS_SHARED_DATA",
                            Path(__file__).resolve().parents[2] / "shared" / "data"))

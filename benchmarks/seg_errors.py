@@ -29,8 +29,8 @@ from scipy.spatial import cKDTree
 from skimage.segmentation import find_boundaries
 
 from benchmarks.harness import write_results
-from slidecensus.engine.scoring import match_points
-from slidecensus.engine.segment import segment_image
+from slidecensus.nuclei.scoring import match_points
+from slidecensus.nuclei.segment import segment_image
 
 DATA = Path(os.environ.get("SLIDECENSUS_SHARED_DATA",
                            Path(__file__).resolve().parents[2] / "shared" / "data"))

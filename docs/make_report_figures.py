@@ -24,7 +24,7 @@ SHARED = HERE.parent.parent / "shared" / "data"
 
 def truth_classified(truth: pd.DataFrame, mpp: float) -> pd.DataFrame:
     """A cell table whose cluster is the true type: 0 normoblast, 1 other, 2 myeloblast."""
-    from slidecensus.engine.segment import CELL_COLUMNS
+    from slidecensus.nuclei.segment import CELL_COLUMNS
 
     n = len(truth)
     cells = pd.DataFrame({c: np.zeros(n, dtype=t) for c, t in CELL_COLUMNS.items()})
@@ -40,14 +40,11 @@ def truth_classified(truth: pd.DataFrame, mpp: float) -> pd.DataFrame:
 
 
 def synthetic(work: Path) -> None:
-    from slidecensus.engine.heatmap import HeatmapParams, make_heatmaps
+    from slidecensus.engine.census import write_census_group
     from slidecensus.engine.outputs import OutputDir
-    from slidecensus.engine.pipeline import (
-        CensusParams,
-        finish_slide,
-        plan_slide,
-        write_census_group,
-    )
+    from slidecensus.engine.plan import CensusParams, plan_slide
+    from slidecensus.engine.tasks import finish_slide
+    from slidecensus.reports.heatmap import HeatmapParams, make_heatmaps
     from slidecensus.tiling.synth import synth_cohort
 
     csv = synth_cohort(work / "slides", n_slides=4, size=(3072, 4096), seed=2, mpp=0.5)
@@ -77,10 +74,12 @@ def synthetic(work: Path) -> None:
 
 def marrow(work: Path) -> None:
     from slidecensus.cluster import get_client
-    from slidecensus.engine.gallery import make_gallery
-    from slidecensus.engine.heatmap import HeatmapParams, make_heatmaps
-    from slidecensus.engine.pipeline import CensusParams, run_cohort, train_from_cohort
+    from slidecensus.engine.census import run_cohort
+    from slidecensus.engine.plan import CensusParams
+    from slidecensus.engine.train import train_from_cohort
     from slidecensus.models import TrainConfig
+    from slidecensus.reports.gallery import make_gallery
+    from slidecensus.reports.heatmap import HeatmapParams, make_heatmaps
 
     images = SHARED / "bone-marrow-he" / "images"
     model = work / "marrow.pt"

@@ -49,7 +49,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .engine.segment import segment_file, segment_params_from
+    from .nuclei.segment import segment_file, segment_params_from
 
     table = segment_file(args.image, args.out, mpp=args.mpp,
                          params=segment_params_from(args.set), crops=args.crops,
@@ -63,8 +63,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .engine.pipeline import CensusParams, run_cohort
-    from .engine.segment import segment_params_from
+    from .engine.census import run_cohort
+    from .engine.plan import CensusParams
+    from .nuclei.segment import segment_params_from
 
     params = CensusParams(tile_size=args.tile_size, region_um=args.region_um,
                           outlines=args.outlines, segment=segment_params_from(args.set))
@@ -72,7 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if model is None and not args.no_classify:
         # the contract: `run` without --model trains on the cohort first (resumable)
         from .engine.modelfiles import is_url, model_exists
-        from .engine.pipeline import train_from_cohort
+        from .engine.train import train_from_cohort
         from .models import TrainConfig
 
         # next to the outputs; on object storage the training worker uploads it there
@@ -93,9 +94,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.pipeline import CensusParams, train_from_cohort
-    from .engine.segment import segment_params_from
+    from .engine.plan import CensusParams
+    from .engine.train import train_from_cohort
     from .models import TrainConfig
+    from .nuclei.segment import segment_params_from
 
     kw = {"k": args.k, "seed": args.seed, "width": args.width}
     if args.epochs is not None:
@@ -112,7 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
-    from .engine.heatmap import HeatmapParams, make_heatmaps
+    from .reports.heatmap import HeatmapParams, make_heatmaps
 
     params = HeatmapParams(min_cells=args.min_cells, min_tissue=args.min_tissue,
                            vmax=args.vmax)
@@ -124,7 +126,7 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def _cmd_gallery(args: argparse.Namespace) -> int:
-    from .engine.gallery import make_gallery
+    from .reports.gallery import make_gallery
 
     path = make_gallery(args.dir, model=str(args.model) if args.model else None,
                         per_cluster=args.per_cluster, seed=args.seed)
@@ -133,7 +135,7 @@ def _cmd_gallery(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .engine.export import export_geojson
+    from .reports.export import export_geojson
 
     paths = export_geojson(args.dir, slides=args.slides)
     print(f"{len(paths)} QuPath GeoJSON file(s) -> {args.dir}/qupath/")
@@ -151,7 +153,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from .engine.classify import apply_run, classify_run, format_report
+    from .reports.classify import apply_run, classify_run, format_report
 
     if args.apply is not None:
         if args.save_model is not None:

@@ -18,7 +18,8 @@ def run_demo(out: str | Path, cluster: str = "local", seed: int = 0, n_slides: i
              size: int = 2048, iterations: int = 40, width: int = 16) -> int:
     """Synthesise ``n_slides`` slides, train a small model on them, run the census."""
     from .cluster import get_client
-    from .engine.pipeline import run_cohort, train_from_cohort
+    from .engine.census import run_cohort
+    from .engine.train import train_from_cohort
     from .models import TrainConfig
     from .tiling.synth import synth_cohort
 

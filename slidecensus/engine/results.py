@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,44 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InvalidInputError
-from .clusters import CLUSTER_FILE, read_cluster_names
 from .cohort import safe_name
 from .outputs import OutputDir
 
-__all__ = ["RunResults"]
+__all__ = ["CLUSTER_FILE", "RunResults", "read_cluster_names"]
+
+#: Name of the naming file inside a run folder.
+CLUSTER_FILE = "clusters.toml"
+
+
+def read_cluster_names(path: str | os.PathLike) -> dict[int, str]:
+    """The ``[clusters]`` table of a TOML file as {id: name}; {} when the file is absent.
+
+    Keys must be non-negative integers and names non-empty strings; anything else is an
+    :class:`InvalidInputError` naming the entry, because a silently ignored typo would
+    mislabel every report.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{p}: not valid TOML: {exc}") from None
+    table = data.get("clusters", {})
+    if not isinstance(table, dict):
+        raise InvalidInputError(f"{p}: [clusters] must be a table of id = \"name\" lines")
+    names: dict[int, str] = {}
+    for key, value in table.items():
+        try:
+            j = int(key)
+        except ValueError:
+            raise InvalidInputError(f"{p}: cluster id {key!r} is not an integer") from None
+        if j < 0:
+            raise InvalidInputError(f"{p}: cluster id {j} is negative")
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidInputError(f"{p}: cluster {j} needs a non-empty name, got {value!r}")
+        names[j] = value.strip()
+    return names
 
 
 class RunResults:

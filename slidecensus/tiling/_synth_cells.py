@@ -1,4 +1,5 @@
-"""Cell models of the synthetic marrow: cell types, seeded placement and nuclear shapes.
+"""Cell models of the synthetic marrow: cell types, the slide specification
+(:class:`SlideSpec`, re-exported by :mod:`.synth`), seeded placement and nuclear shapes.
 
 Everything here is a deterministic function of position. Cells sit on a jittered hexagonal
 lattice whose sites are drawn in fixed blocks of ``LATTICE_BLOCK x LATTICE_BLOCK`` sites,
@@ -25,14 +26,14 @@ References
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .synth import SlideSpec
+from ..errors import InvalidInputError
 
 # ---------------------------------------------------------------------------------------
 # Hashing and position-deterministic noise
@@ -209,6 +210,201 @@ def max_nucleus_extent_um(include_mega: bool = False) -> float:
         m = CELL_TYPES[MEGA]
         ext.append(9.0 + m.nuc_r_um[1] * (1 + 2 * m.harm))
     return max(ext)
+
+
+# ---------------------------------------------------------------------------------------
+# The slide specification (what synth.py renders; kept here so that the cell models
+# need nothing from the renderer)
+# ---------------------------------------------------------------------------------------
+
+# Ruifrok & Johnston optical-density vectors (rows: R, G, B absorbance), as in
+# skimage.color.rgb_from_hed.
+RUIFROK_H = (0.65, 0.70, 0.29)
+RUIFROK_E = (0.07, 0.99, 0.11)
+RUIFROK_RESIDUAL = (0.27, 0.57, 0.78)
+# The H and E vectors of bone-marrow H&E as Macenko's method finds them on the Kainz et al.
+# images (median over the 8 images of ../shared/data/bone-marrow-he; spread about ±0.02):
+# the same hues as Ruifrok's, with the bluer, more purple eosin of marrow sections.
+MARROW_H = (0.62, 0.69, 0.37)
+MARROW_E = (0.21, 0.88, 0.42)
+
+NORMAL_MIX: dict[str, float] = {
+    "myeloblast": 0.02, "myelocyte": 0.30, "neutrophil": 0.24, "monocyte": 0.05,
+    "lymphocyte": 0.13, "normoblast": 0.255, "megakaryocyte": 0.005,
+}
+"""A normal adult marrow, roughly: few blasts, maturing myeloid and erythroid cells."""
+
+ABNORMAL_MIX: dict[str, float] = {
+    "myeloblast": 0.30, "myelocyte": 0.22, "neutrophil": 0.14, "monocyte": 0.06,
+    "lymphocyte": 0.12, "normoblast": 0.155, "megakaryocyte": 0.005,
+}
+"""A blast-rich marrow (acute-leukaemia-like, 30% blasts)."""
+
+
+def _check_mix(mix: Mapping[str, float], what: str) -> dict[str, float]:
+    bad = [k for k in mix if k not in NUCLEATED_TYPES]
+    if bad:
+        raise InvalidInputError(f"{what}: unknown cell types {bad}; expected some of "
+                                f"{list(NUCLEATED_TYPES)}")
+    vals = {k: float(v) for k, v in mix.items()}
+    if any(v < 0 or not math.isfinite(v) for v in vals.values()) or sum(vals.values()) <= 0:
+        raise InvalidInputError(f"{what}: fractions must be >= 0 with a positive sum, got "
+                                f"{vals}")
+    total = sum(vals.values())
+    if abs(total - 1.0) < 1e-9:  # already normalised: keep the exact values (round trips)
+        return vals
+    return {k: v / total for k, v in vals.items()}
+
+
+@dataclass(frozen=True)
+class Region:
+    """An ellipse (or rectangle) of the slide, in level-0 px, with its own cell mix.
+
+    Sites inside take their type from ``mix`` instead of the slide's; when regions overlap
+    the later one wins. ``name`` is carried into the truth table's ``region`` column only
+    as its index in :attr:`SlideSpec.regions`.
+    """
+
+    x: float
+    y: float
+    w: float
+    h: float
+    mix: Mapping[str, float]
+    shape: str = "ellipse"
+    name: str = "hotspot"
+
+    def __post_init__(self) -> None:
+        if self.shape not in ("ellipse", "rect"):
+            raise InvalidInputError(f"region shape must be 'ellipse' or 'rect', got "
+                                    f"{self.shape!r}")
+        if not (self.w > 0 and self.h > 0):
+            raise InvalidInputError(f"region size must be positive, got {self.w}x{self.h}")
+        object.__setattr__(self, "mix", _check_mix(self.mix, f"region {self.name!r}"))
+
+    def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether level-0 points (x, y) lie inside (vectorised)."""
+        u = (np.asarray(x) - self.x) / self.w
+        v = (np.asarray(y) - self.y) / self.h
+        if self.shape == "rect":
+            return (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.25
+
+
+@dataclass(frozen=True)
+class StainSpec:
+    """One slide's stain: H, E and residual OD vectors (unit rows), amounts, illuminant."""
+
+    h: tuple[float, float, float] = MARROW_H
+    e: tuple[float, float, float] = MARROW_E
+    residual: tuple[float, float, float] = RUIFROK_RESIDUAL
+    h_scale: float = 1.0
+    e_scale: float = 1.0
+    background: tuple[float, float, float] = (244.0, 242.0, 246.0)
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, spread: float = 1.0) -> StainSpec:
+        """A stain drawn around :data:`MARROW_H`, :data:`MARROW_E`: each vector tilted
+        by a few degrees, H and E amounts scaled by up to ±25%, and the illuminant tinted,
+        so that two slides of one cohort differ as much as two staining runs do."""
+        def tilt(v):
+            a = np.asarray(v) / np.linalg.norm(v) + rng.normal(0, 0.05 * spread, 3)
+            a = np.abs(a)
+            return tuple(float(c) for c in a / np.linalg.norm(a))
+
+        bg = 244.0 + rng.uniform(-6, 5) * spread + rng.normal(0, 2 * spread, 3)
+        return cls(h=tilt(MARROW_H), e=tilt(MARROW_E), residual=tilt(RUIFROK_RESIDUAL),
+                   h_scale=float(1 + rng.uniform(-0.25, 0.25) * spread),
+                   e_scale=float(1 + rng.uniform(-0.25, 0.25) * spread),
+                   background=tuple(float(np.clip(c, 200, 255)) for c in bg))
+
+    def matrix(self) -> np.ndarray:
+        """(3, 3) float32: rows are the H, E, residual OD vectors scaled by their amount."""
+        m = np.array([self.h, self.e, self.residual], np.float64)
+        m /= np.linalg.norm(m, axis=1, keepdims=True)
+        m[0] *= self.h_scale
+        m[1] *= self.e_scale
+        return m.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """Everything that fixes a synthetic slide; equal specs give identical slides.
+
+    Parameters
+    ----------
+    seed : non-negative integer seeding every random choice of the slide.
+    height, width : level-0 size in pixels.
+    mpp : µm per pixel of level 0 (cells keep their physical size at any mpp).
+    mix : fractions of nucleated cell types (normalised), see :data:`NORMAL_MIX`.
+    regions : areas with their own mix (e.g. a blast-rich hotspot).
+    stain : the slide's stain; see :meth:`StainSpec.random`.
+    spacing_um : spacing of the hexagonal lattice that cells are placed on.
+    cellularity : fraction of lattice sites that hold a cell (before fat).
+    fat_fraction : about this fraction of the tissue is fat vacuoles.
+    rbc_fraction : fraction of occupied sites holding an anucleate red cell.
+    tissue : ``"core"`` (a noisy ellipse of tissue on glass) or ``"full"``.
+    label : cohort label (``normal`` / ``abnormal``), carried into the cohort CSV.
+    slide_id : name of the slide's files.
+    """
+
+    seed: int
+    height: int
+    width: int
+    mpp: float = 0.5
+    mix: Mapping[str, float] = field(default_factory=lambda: dict(NORMAL_MIX))
+    regions: tuple[Region, ...] = ()
+    stain: StainSpec = field(default_factory=StainSpec)
+    spacing_um: float = 11.5
+    cellularity: float = 0.93
+    fat_fraction: float = 0.3
+    rbc_fraction: float = 0.12
+    tissue: str = "core"
+    label: str = ""
+    slide_id: str = "synthetic"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.seed, int | np.integer) and self.seed >= 0):
+            raise InvalidInputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if int(self.height) < 1 or int(self.width) < 1:
+            raise InvalidInputError(f"slide size must be positive, got "
+                                    f"{self.height}x{self.width} (h x w)")
+        if not (0.05 <= self.mpp <= 5):
+            raise InvalidInputError(f"mpp must be in [0.05, 5] µm/px, got {self.mpp}")
+        if self.tissue not in ("core", "full"):
+            raise InvalidInputError(f"tissue must be 'core' or 'full', got {self.tissue!r}")
+        if not (4 <= self.spacing_um <= 50):
+            raise InvalidInputError(f"spacing_um must be in [4, 50], got {self.spacing_um}")
+        for name in ("cellularity", "fat_fraction", "rbc_fraction"):
+            v = getattr(self, name)
+            if not (0 <= v <= 1):
+                raise InvalidInputError(f"{name} must be in [0, 1], got {v}")
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "height", int(self.height))
+        object.__setattr__(self, "width", int(self.width))
+        object.__setattr__(self, "mix", _check_mix(self.mix, "mix"))
+        object.__setattr__(self, "regions", tuple(self.regions))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of level 0."""
+        return (self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; :meth:`from_dict` inverts it."""
+        d = asdict(self)
+        d["mix"] = dict(self.mix)
+        d["regions"] = [dict(asdict(r), mix=dict(r.mix)) for r in self.regions]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SlideSpec:
+        """Rebuild a spec from :meth:`to_dict` output."""
+        d = dict(d)
+        d["regions"] = tuple(Region(**r) for r in d.get("regions", ()))
+        st = dict(d.get("stain", {}))
+        d["stain"] = StainSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in st.items()})
+        return cls(**d)
 
 
 def site_margin_px(spec: SlideSpec) -> float:

@@ -17,11 +17,12 @@ import zarr
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
-from slidecensus.engine.pipeline import CensusParams, run_cohort
+from slidecensus.engine.census import run_cohort
+from slidecensus.engine.plan import CensusParams
 from slidecensus.tiling.synth import synth_cohort
 
+from ..conftest import free_port
 from ..workers import kill_worker_when_segmenting
-from .conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -344,7 +345,7 @@ def test_real_aperio_slide_gives_cells_and_a_map(cmu_svs, client, tmp_path):
 def test_census_and_segment_command_find_the_same_nuclei(counted, cohort):
     """`slidecensus segment` and `slidecensus run` estimate the stain model from the same
     sample and cut the same tiles: identical cells on the same slide."""
-    from slidecensus.engine.segment import segment_file
+    from slidecensus.nuclei.segment import segment_file
 
     out, _ = counted
     path = pd.read_csv(cohort).set_index("slide_id").loc["synth_001_abnormal", "path"]
@@ -361,7 +362,7 @@ def test_training_on_a_worker_reports_progress_to_the_client(cohort, client, tmp
     """Training runs on a worker; its progress must still reach the user's terminal."""
     import logging
 
-    from slidecensus.engine.pipeline import train_from_cohort
+    from slidecensus.engine.train import train_from_cohort
     from slidecensus.models import TrainConfig
 
     config = TrainConfig(k=2, width=8, z_dim=8, iterations=4, batch_size=16, seed=0)
@@ -383,7 +384,7 @@ def test_census_outlines_reach_qupath(cohort, client, tiny_model, tmp_path):
     classified polygons."""
     from matplotlib.path import Path as MplPath
 
-    from slidecensus.engine.export import export_geojson
+    from slidecensus.reports.export import export_geojson
 
     with_outlines = CensusParams(tile_size=512, region_um=128.0, outlines=True)
     run_cohort(cohort, tmp_path / "a", client=client, model=tiny_model, params=with_outlines)
@@ -417,8 +418,8 @@ def test_model_trained_into_and_read_from_object_storage(cohort, s3_server, tmp_
     of the same checkpoint."""
     from distributed import Client, LocalCluster
 
-    from slidecensus.engine.pipeline import train_from_cohort
     from slidecensus.engine.results import RunResults
+    from slidecensus.engine.train import train_from_cohort
     from slidecensus.models import TrainConfig
 
     monkeypatch.setenv("SLIDECENSUS_CACHE", str(tmp_path / "cache"))  # workers inherit it

@@ -25,9 +25,11 @@ def corpus(tmp_path_factory) -> Corpus:
     return build(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client():
-    """Two single-threaded worker processes and a scheduler on 127.0.0.1."""
+    """Two single-threaded worker processes and a scheduler on 127.0.0.1, for this folder's
+    tests (it is Dask's default scheduler while it lives: the reports' tests, which run
+    after these, must not send their xarray loads to its workers)."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from slidecensus.engine.pipeline import CensusParams
+from slidecensus.engine.plan import CensusParams
 from slidecensus.errors import CorruptSlideError, SlideNotFoundError, UnsupportedFormatError
 from slidecensus.tiling import open_slide, write_pyramid_tiff
 from slidecensus.tiling.synth import synth_cohort
@@ -265,7 +265,7 @@ def _markdown(corpus: Corpus, table: pd.DataFrame) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover - documentation helper
-    from slidecensus.engine.pipeline import run_cohort
+    from slidecensus.engine.census import run_cohort
 
     where = Path(sys.argv[1] if len(sys.argv) > 1 else "reliability-corpus")
     built = build(where)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from slidecensus.cli import main
-from slidecensus.engine.pipeline import run_cohort
+from slidecensus.engine.census import run_cohort
 from slidecensus.errors import InvalidInputError, SlideReadError
 from slidecensus.tiling import open_slide
 

@@ -19,8 +19,9 @@ import pytest
 import zarr
 
 from slidecensus.cli import main
+from slidecensus.engine.census import run_cohort
 from slidecensus.engine.outputs import LOCK_NAME, OutputDir, RunLock
-from slidecensus.engine.pipeline import CensusParams, run_cohort
+from slidecensus.engine.plan import CensusParams
 from slidecensus.errors import InvalidInputError, OutputLockedError
 from slidecensus.tiling import write_pyramid_tiff
 
@@ -276,7 +277,7 @@ def test_tile_packed_with_nuclei_does_not_kill_a_memory_limited_worker(corpus, t
     1.1 GB at width 32, and the nanny kills the worker.)"""
     from distributed import Client, LocalCluster
 
-    from slidecensus.engine.segment import segment_file
+    from slidecensus.nuclei.segment import segment_file
 
     side = 768
     dense = tmp_path / "dense.tiff"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slidecensus.cli import main
-from slidecensus.engine.pipeline import run_cohort
+from slidecensus.engine.census import run_cohort
 from slidecensus.errors import InvalidInputError
 from slidecensus.models import load_model
 from slidecensus.models.checkpoint import (

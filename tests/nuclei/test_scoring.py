@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slidecensus.engine.scoring import (
+from slidecensus.errors import InvalidInputError
+from slidecensus.nuclei.scoring import (
     DetectionCounts,
     aggregated_jaccard_index,
     detection_counts,
@@ -13,7 +14,6 @@ from slidecensus.engine.scoring import (
     match_points,
     pixel_dice,
 )
-from slidecensus.errors import InvalidInputError
 
 
 def test_matching_is_one_to_one_within_radius():

@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ..engine.cohort import safe_name
+from ..engine.outputs import OutputDir
 from ..errors import InvalidInputError
-from .cohort import safe_name
-from .outputs import OutputDir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slidecensus.engine import stain as S
 from slidecensus.errors import InvalidInputError
+from slidecensus.nuclei import stain as S
 
 
 def _tissue_like(n: int, seed: int = 0) -> np.ndarray:

@@ -16,10 +16,7 @@ deficiencies; ids sharing a name share a colour.
 
 from __future__ import annotations
 
-import os
-import tomllib
-from pathlib import Path
-
+from ..engine.results import CLUSTER_FILE, read_cluster_names
 from ..errors import InvalidInputError
 
 __all__ = [
@@ -32,9 +29,6 @@ __all__ = [
     "template_text",
 ]
 
-#: Name of the naming file inside a run folder.
-CLUSTER_FILE = "clusters.toml"
-
 #: Okabe & Ito (2008) colour-universal-design palette, black left out (RGB, 0-255).
 OKABE_ITO: tuple[tuple[int, int, int], ...] = (
     (230, 159, 0),    # orange
@@ -46,37 +40,6 @@ OKABE_ITO: tuple[tuple[int, int, int], ...] = (
     (204, 121, 167),  # reddish purple
     (153, 153, 153),  # grey
 )
-
-
-def read_cluster_names(path: str | os.PathLike) -> dict[int, str]:
-    """The ``[clusters]`` table of a TOML file as {id: name}; {} when the file is absent.
-
-    Keys must be non-negative integers and names non-empty strings; anything else is an
-    :class:`InvalidInputError` naming the entry, because a silently ignored typo would
-    mislabel every report.
-    """
-    p = Path(path)
-    if not p.is_file():
-        return {}
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{p}: not valid TOML: {exc}") from None
-    table = data.get("clusters", {})
-    if not isinstance(table, dict):
-        raise InvalidInputError(f"{p}: [clusters] must be a table of id = \"name\" lines")
-    names: dict[int, str] = {}
-    for key, value in table.items():
-        try:
-            j = int(key)
-        except ValueError:
-            raise InvalidInputError(f"{p}: cluster id {key!r} is not an integer") from None
-        if j < 0:
-            raise InvalidInputError(f"{p}: cluster id {j} is negative")
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidInputError(f"{p}: cluster {j} needs a non-empty name, got {value!r}")
-        names[j] = value.strip()
-    return names
 
 
 def cluster_label(j: int, names: dict[int, str]) -> str:

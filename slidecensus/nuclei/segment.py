@@ -886,7 +886,7 @@ class _GeoSink:
     """Nucleus outlines as QuPath detections, streamed into a GeoJSON file."""
 
     def __init__(self, final: Path) -> None:
-        from .export import GeoJSONWriter
+        from .geojson import GeoJSONWriter
 
         self.final, self.tmp = final, _aside(final)
         self.writer = GeoJSONWriter(self.tmp)

@@ -11,21 +11,21 @@ of a million cells never holds its whole document in memory.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..engine.cohort import safe_name
+from ..engine.outputs import OutputDir
+from ..engine.results import RunResults
+from ..nuclei.geojson import GeoJSONWriter, write_geojson
+from ..nuclei.outlines import outline_geometry
 from .clusters import cluster_colors, cluster_label
-from .cohort import safe_name
-from .outlines import outline_geometry
-from .outputs import OutputDir
-from .results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -77,43 +77,6 @@ def cell_features(cells: pd.DataFrame, k: int, names: dict[int, str] | None = No
             geom = {"type": "Point", "coordinates": [round(float(x[i]), 2),
                                                      round(float(y[i]), 2)]}
         yield {"type": "Feature", "geometry": geom, "properties": props}
-
-
-class GeoJSONWriter:
-    """A GeoJSON FeatureCollection written a batch of features at a time (a context manager),
-    so a slide's million features never sit in memory together."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.count = 0
-        self._fh = open(path, "w", encoding="utf-8")
-        self._fh.write('{"type": "FeatureCollection", "features": [\n')
-
-    def write(self, features: Iterable[dict]) -> None:
-        """Append features."""
-        for f in features:
-            if self.count:
-                self._fh.write(",\n")
-            self._fh.write(json.dumps(f, separators=(",", ":"), ensure_ascii=False))
-            self.count += 1
-
-    def close(self) -> None:
-        """Finish the document and close the file."""
-        if not self._fh.closed:
-            self._fh.write("\n]}\n")
-            self._fh.close()
-
-    def __enter__(self) -> GeoJSONWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def write_geojson(features: Iterator[dict], path: str | os.PathLike) -> int:
-    """Stream features into a GeoJSON FeatureCollection file; returns the feature count."""
-    with GeoJSONWriter(path) as w:
-        w.write(features)
-    return w.count
 
 
 def _commit(out: OutputDir, rel: str, local_file: Path) -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slidecensus.engine.crops import extract_crops
 from slidecensus.errors import InvalidInputError
+from slidecensus.nuclei.crops import extract_crops
 
 
 def _scene():

@@ -117,7 +117,7 @@ def outline_features(
     measurements: Sequence[str] = ("area_um2", "eccentricity", "solidity",
                                    "mean_hematoxylin", "mean_eosin"),
 ) -> Iterator[dict]:
-    """QuPath detection Features with a Polygon per nucleus (streams; see :mod:`.export`).
+    """QuPath detection Features with a Polygon per nucleus (streams; see :mod:`.geojson`).
 
     ``cells`` is the cell table (``cell_id`` and the measurement columns) row-aligned with
     ``polygons`` from :func:`nucleus_outlines` in slide coordinates. A nucleus with fewer

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..engine.results import RunResults
 from ..errors import InvalidInputError
 from .clusters import CLUSTER_FILE, cluster_colors, cluster_label, template_text
-from .results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def crop_mosaic(crops: np.ndarray, columns: int, pad: int = 2, rows: int | None 
 
 def _generated(model_path: str, n: int, seed: int) -> list[np.ndarray] | None:
     """G's images per code: a list over clusters of (n, 32, 32, 3) uint8."""
+    from ..engine.modelfiles import local_model
     from ..models import generation_grid, load_model
-    from .modelfiles import local_model
 
     model = load_model(local_model(model_path), device="cpu")
     grid = generation_grid(model, n_rows=n, seed=seed, pad=0)

@@ -18,26 +18,28 @@ import pandas as pd
 import pytest
 
 from slidecensus.cli import main
-from slidecensus.engine.clusters import (
+from slidecensus.engine.census import write_census_group
+from slidecensus.engine.outputs import OutputDir
+from slidecensus.engine.plan import CensusParams, plan_slide
+from slidecensus.engine.tasks import finish_slide
+from slidecensus.errors import InvalidInputError
+from slidecensus.nuclei.segment import CELL_COLUMNS, empty_cell_table
+from slidecensus.reports.clusters import (
     OKABE_ITO,
     cluster_colors,
     parse_cluster_selection,
     read_cluster_names,
     template_text,
 )
-from slidecensus.engine.export import cell_features, export_geojson
-from slidecensus.engine.gallery import crop_mosaic, make_gallery, sample_by_cluster
-from slidecensus.engine.heatmap import (
+from slidecensus.reports.export import cell_features, export_geojson
+from slidecensus.reports.gallery import crop_mosaic, make_gallery, sample_by_cluster
+from slidecensus.reports.heatmap import (
     HeatmapParams,
     hotspot,
     make_heatmaps,
     nice_scale_length,
     selected_proportion,
 )
-from slidecensus.engine.outputs import OutputDir
-from slidecensus.engine.pipeline import CensusParams, finish_slide, plan_slide, write_census_group
-from slidecensus.engine.segment import CELL_COLUMNS, empty_cell_table
-from slidecensus.errors import InvalidInputError
 from slidecensus.tiling.synth import cohort_specs, synth_cohort
 
 REGION_UM = 32.0
@@ -286,7 +288,7 @@ def model_run(tmp_path_factory):
     """A real census (tiny CPU model, k = 3) of one small synthetic slide."""
     from distributed import Client, LocalCluster
 
-    from slidecensus.engine.pipeline import run_cohort
+    from slidecensus.engine.census import run_cohort
     from slidecensus.models import TrainConfig, train_infogan
 
     root = tmp_path_factory.mktemp("modelrun")

@@ -10,12 +10,12 @@ import pytest
 from matplotlib.path import Path as MplPath
 
 from slidecensus.cli import main
-from slidecensus.engine import segment as G
-from slidecensus.engine.crops import extract_crops
-from slidecensus.engine.outlines import nucleus_outlines, outline_features
-from slidecensus.engine.scoring import match_points
-from slidecensus.engine.stain import estimate_stain_model
 from slidecensus.errors import InvalidInputError
+from slidecensus.nuclei import segment as G
+from slidecensus.nuclei.crops import extract_crops
+from slidecensus.nuclei.outlines import nucleus_outlines, outline_features
+from slidecensus.nuclei.scoring import match_points
+from slidecensus.nuclei.stain import estimate_stain_model
 
 
 def _shoelace(poly: np.ndarray) -> float:

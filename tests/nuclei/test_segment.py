@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slidecensus.engine import segment as G
-from slidecensus.engine.scoring import DetectionCounts, detection_counts, match_points
-from slidecensus.engine.stain import StainModel, estimate_stain_model
 from slidecensus.errors import InvalidInputError
+from slidecensus.nuclei import segment as G
+from slidecensus.nuclei.scoring import DetectionCounts, detection_counts, match_points
+from slidecensus.nuclei.stain import StainModel, estimate_stain_model
 
 PINK = np.array([235, 170, 215], np.uint8)
 NUCLEUS = np.array([120, 80, 160], np.uint8)  # hematoxylin OD 1.16, ~2x the threshold
@@ -202,7 +202,7 @@ def test_accuracy_floor_on_monuseg(shared_data):
     0.424 (docs/benchmarks.md); the floors sit just under, so a regression fails here."""
     import imageio.v3 as iio
 
-    from slidecensus.engine.scoring import (
+    from slidecensus.nuclei.scoring import (
         aggregated_jaccard_index,
         match_instances,
         pixel_dice,
@@ -241,7 +241,7 @@ def test_segmenting_a_png_does_not_import_zarr(marrow_pngs, tmp_path):
     import sys
 
     code = ("import sys\n"
-            "from slidecensus.engine.segment import segment_file\n"
+            "from slidecensus.nuclei.segment import segment_file\n"
             f"segment_file({str(marrow_pngs[0])!r}, {str(tmp_path / 'c.parquet')!r})\n"
             "print(sorted(m for m in sys.modules if m == 'zarr' or m.startswith('zarr.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

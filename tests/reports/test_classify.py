@@ -18,8 +18,11 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from slidecensus.cli import main
-from slidecensus.engine import classify
-from slidecensus.engine.classify import (
+from slidecensus.engine.census import write_census_group
+from slidecensus.engine.outputs import OutputDir
+from slidecensus.errors import InvalidInputError
+from slidecensus.reports import classify
+from slidecensus.reports.classify import (
     OKABE_ITO,
     SlideModel,
     apply_run,
@@ -35,9 +38,6 @@ from slidecensus.engine.classify import (
     region_quantiles,
     save_model,
 )
-from slidecensus.engine.outputs import OutputDir
-from slidecensus.engine.pipeline import write_census_group
-from slidecensus.errors import InvalidInputError
 
 # Two marrow-like mixtures of five clusters: "abnormal" has the last cluster (blasts, say)
 # expanded at the expense of the first two. Concentration 60 gives per-slide spread of a few
@@ -286,7 +286,7 @@ def test_unusable_slides_are_warned_and_skipped(tmp_path, caplog):
     write_run(tmp_path / "run", run_ids, props, status=status, error=error)
     write_labels(tmp_path / "labels.csv", [*ids, "failed1", "nanprops", "absent"],
                  [*y, "normal", "abnormal", "normal"])
-    with caplog.at_level(logging.WARNING, logger="slidecensus.engine.classify"):
+    with caplog.at_level(logging.WARNING, logger="slidecensus.reports.classify"):
         report = classify_run(tmp_path / "run", tmp_path / "labels.csv", "kmeans")
     assert report["skipped"] == {"not_in_run": ["absent"], "unlabelled": ["nolabel"],
                                  "failed": ["failed1"], "no_proportions": ["nanprops"]}

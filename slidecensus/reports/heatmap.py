@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..engine.cohort import safe_name
+from ..engine.results import RunResults
 from ..errors import InvalidInputError, SlidecensusError
 from .clusters import cluster_label, parse_cluster_selection
-from .cohort import safe_name
-from .results import RunResults
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,124 @@
+"""Planning one slide of the census: its parameters, and a plan made once on a worker.
+
+:class:`CensusParams` holds everything that changes the census' numbers (hashed into the
+manifest). :func:`plan_slide` opens a slide on a worker, finds tissue, estimates the stain
+model once and lays out the tile grid; the :class:`SlidePlan` it returns is small (no
+pixels) and is all the client needs to schedule the slide's tasks (:mod:`.tasks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import InvalidInputError, SlideReadError
+from ..nuclei.segment import DEFAULT_MPP, SegmentParams, stain_sample
+from ..nuclei.stain import StainModel, estimate_stain_model
+from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask_rgb
+
+__all__ = [
+    "TILE_BYTES_PER_PX",
+    "TILE_SIZE_RANGE",
+    "CensusParams",
+    "SlidePlan",
+    "plan_slide",
+]
+
+#: Accepted ``tile_size`` (level-0 px of a tile's core). The upper bound keeps one tile's
+#: segmentation within about 2 GB however many nuclei it holds (measured: a 4096-px tile
+#: peaks at 1.6-1.9 GB above the worker's base, a 2048-px tile at 0.4-0.5 GB, with 1x to 10x
+#: the usual nuclei; the peak follows the pixels, not the nuclei); below the lower bound the
+#: halo (up to 96 px a side) would be read more often than the core.
+TILE_SIZE_RANGE = (256, 4096)
+#: Peak bytes of one tile task per pixel of its read window (conservative, from the same
+#: measurements: 82-110 bytes/px on slides that are not binned).
+TILE_BYTES_PER_PX = 120
+
+
+@dataclass(frozen=True)
+class CensusParams:
+    """Everything that changes the census' numbers (hashed into the manifest)."""
+
+    tile_size: int = 2048
+    region_um: float = 256.0
+    crop_size: int = 32
+    masked_crops: bool = True
+    min_tissue: float = 0.0
+    gallery_crops: int = 256
+    seed: int = 0
+    segment: SegmentParams = field(default_factory=SegmentParams)
+    outlines: bool = False  # keep each nucleus's outline polygon (cells' ``outline_px``)
+
+    def __post_init__(self) -> None:
+        lo, hi = TILE_SIZE_RANGE
+        if not (isinstance(self.tile_size, int | np.integer) and lo <= self.tile_size <= hi):
+            raise InvalidInputError(f"tile_size must be an integer from {lo} to {hi} px (one "
+                                    f"tile's memory grows with its area), got "
+                                    f"{self.tile_size!r}")
+        if not (math.isfinite(self.region_um) and self.region_um > 0):
+            raise InvalidInputError(f"region_um must be a positive number of µm, got "
+                                    f"{self.region_um!r}")
+        if not 8 <= self.crop_size <= 256:
+            raise InvalidInputError(f"crop_size must be from 8 to 256 px, got {self.crop_size}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise InvalidInputError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.gallery_crops < 0:
+            raise InvalidInputError(f"gallery_crops must be >= 0, got {self.gallery_crops}")
+
+    def tile_peak_bytes(self) -> int:
+        """Conservative peak memory of one tile task (read window with a 128-px halo)."""
+        return TILE_BYTES_PER_PX * (self.tile_size + 256) ** 2
+
+    def digest(self) -> str:
+        """Stable hash of the parameters."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """What the client needs to schedule one slide: small, no pixels."""
+
+    path: str
+    mpp: float
+    mpp_known: bool
+    shape: tuple[int, int]
+    tiles: tuple[Tile, ...]
+    stain: StainModel
+    tissue: TissueMask
+    notes: tuple[str, ...] = ()  # warnings for slides.csv (conversions, no tissue)
+
+
+def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
+    """Open a slide on a worker, find tissue, estimate the stain model once, plan tiles.
+
+    Raises SlideReadError for an image too small to hold one nucleus (a 1 x 1 px file is
+    not a slide); the plan's ``notes`` say what was converted and whether tissue was found.
+    """
+    slide = cached_slide(path, mpp=mpp)
+    slide_mpp = slide.mpp if slide.mpp is not None else DEFAULT_MPP
+    nucleus_um = 2 * math.sqrt(params.segment.min_area_um2 / math.pi)
+    h, w = slide.shape
+    if min(h, w) * slide_mpp < nucleus_um:
+        raise SlideReadError(path, f"image too small for a census: {w} x {h} px "
+                                   f"({w * slide_mpp:.2g} x {h * slide_mpp:.2g} µm at "
+                                   f"{slide_mpp} µm/px); the smallest nucleus counted is "
+                                   f"{nucleus_um:.1f} µm across")
+    thumb = slide.thumbnail(1024)
+    mask = TissueMask(tissue_mask_rgb(thumb),
+                      float(np.mean([slide.shape[0] / thumb.shape[0],
+                                     slide.shape[1] / thumb.shape[1]])))
+    # one stain model per slide, from the same sample segment_file uses
+    stain = estimate_stain_model(stain_sample(slide, with_mask=False)[0])
+    halo = params.segment.for_mpp(slide_mpp).halo_px
+    tiles = plan_tiles(slide, tile_size=params.tile_size, halo=halo, level=0, mask=mask,
+                       min_tissue=params.min_tissue)
+    notes = list(slide.conversions)
+    if not tiles:
+        notes.append("no tissue found (no tile to segment)")
+    return SlidePlan(path, slide_mpp, slide.mpp is not None, slide.shape, tuple(tiles), stain,
+                     mask, tuple(notes))
+
