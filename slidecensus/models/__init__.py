@@ -1,8 +1,10 @@
 """torch models: InfoGAN with a WGAN-GP loss, training, batched inference, metrics.
 
 The cell representation model of Hu et al. (2019): a generator G, a critic D and an
-auxiliary network Q sharing D's residual trunk, trained without labels so that Q sorts
-32 x 32 cell crops into ``k`` clusters. Uses torch and numpy only.
+auxiliary network Q sharing D's trunk, trained without labels so that Q sorts 32 x 32 cell
+crops into ``k`` clusters. Two presets (:mod:`.presets`): ``paper`` (the residual networks
+at width 128, a GPU job) and ``fast`` (compact networks, an invariant-information term on
+real crops and a k-means refinement of Q: minutes on a CPU). Uses torch and numpy only.
 
 Typical use::
 
@@ -12,31 +14,48 @@ Typical use::
     clusters, probs = predict(model, crops_uint8)
 """
 
+from .augment import AugmentSpec, augment, iic_loss
 from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from .infer import CellModel, d_features, generation_grid, load_model, predict, write_png
 from .metrics import entropy, f_score, purity
-from .networks import CriticHead, CriticTrunk, Generator, QHead
+from .networks import CompactGenerator, CompactTrunk, CriticHead, CriticTrunk, Generator, QHead
+from .presets import PRESETS, preset_config, resolve_preset
+from .refine import kmeans, refine_q_head
 from .train import TrainConfig, format_progress, gradient_penalty, train_infogan
+from .uncertainty import count_interval, expected_counts, interval_from_moments
 
 __all__ = [
     "FORMAT_VERSION",
+    "PRESETS",
+    "AugmentSpec",
     "CellModel",
     "CheckpointError",
+    "CompactGenerator",
+    "CompactTrunk",
     "CriticHead",
     "CriticTrunk",
     "Generator",
     "QHead",
     "TrainConfig",
+    "augment",
+    "count_interval",
     "d_features",
     "entropy",
+    "expected_counts",
     "f_score",
     "format_progress",
     "generation_grid",
     "gradient_penalty",
+    "iic_loss",
+    "interval_from_moments",
+    "kmeans",
     "load_checkpoint",
     "load_model",
     "predict",
+    "preset_config",
     "purity",
+    "refine_q_head",
+    "resolve_preset",
     "save_checkpoint",
     "train_infogan",
     "write_png",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
-from .networks import CriticHead, CriticTrunk, Generator, QHead
+from .networks import CriticHead, QHead, build_generator, build_trunk, trunk_dim
 from .train import TrainConfig, resolve_device, to_model_input, validate_crops
 
 __all__ = ["CellModel", "d_features", "generation_grid", "load_model", "predict",
@@ -48,8 +48,8 @@ class CellModel:
 
     config: TrainConfig
     summary: dict[str, Any]
-    generator: Generator
-    trunk: CriticTrunk
+    generator: torch.nn.Module
+    trunk: torch.nn.Module
     d_head: CriticHead
     q_head: QHead
     device: torch.device
@@ -68,13 +68,14 @@ class CellModel:
         cfg = TrainConfig.from_dict(data["config"])
         dev = resolve_device(device)
         w = data["weights"]
-        g = Generator(cfg.k, cfg.z_dim, cfg.width)
+        dim = trunk_dim(cfg.arch, cfg.width)
+        g = build_generator(cfg.arch, cfg.k, cfg.z_dim, cfg.width)
         g.load_state_dict(w["G"])
-        trunk = CriticTrunk(cfg.width)
+        trunk = build_trunk(cfg.arch, cfg.width)
         trunk.load_state_dict(w["D_trunk"])
-        d_head = CriticHead(cfg.width)
+        d_head = CriticHead(dim)
         d_head.load_state_dict(w["D_head"])
-        q_head = QHead(cfg.width, cfg.k)
+        q_head = QHead(dim, cfg.k, norm=cfg.q_norm)
         q_head.load_state_dict(w["Q_head"])
         mods = [m.to(dev).eval().requires_grad_(False) for m in (g, trunk, d_head, q_head)]
         return cls(cfg, data["summary"], *mods, device=dev)
@@ -108,8 +109,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ce
 
 
 def _autocast(model: CellModel) -> contextlib.AbstractContextManager:
-    if model.device.type == "cuda" and model.config.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    cfg = model.config
+    if cfg.amp if model.device.type == "cuda" else cfg.amp_cpu:
+        return torch.autocast(model.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -155,21 +157,19 @@ def predict(model: CellModel, crops: np.ndarray,
 
 
 def d_features(model: CellModel, crops: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Critic features of Hu et al.'s Table I: every residual block's output max-pooled to
-    4 x 4 and concatenated, shape (N, 4 * 16 * width), float32.
+    """Critic features of Hu et al.'s Table I: every block's output max-pooled to 4 x 4 and
+    concatenated, float32 (4 * 16 * width columns for the paper's trunk).
 
     These feed a linear SVM where labels exist (the evaluation lives outside this package).
     """
     crops = validate_crops(crops)
-    n_feat = 4 * 16 * model.config.width
-    out = np.empty((len(crops), n_feat), np.float32)
-    pos = 0
+    parts = []
     with model.lock, torch.inference_mode(), _autocast(model):
         for x in _batches(crops, batch_size, model.device):
-            f = model.trunk.table1_features(x).float()
-            out[pos:pos + len(f)] = f.cpu().numpy()
-            pos += len(f)
-    return out
+            parts.append(model.trunk.table1_features(x).float().cpu().numpy())
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(parts)
 
 
 def generation_grid(model: CellModel, n_rows: int = 8, seed: int = 0,

@@ -52,8 +52,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
+from .augment import AugmentSpec, augment, iic_loss
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .networks import CROP_SIZE, CriticHead, CriticTrunk, Generator, QHead
+from .networks import (
+    ARCHS,
+    CROP_SIZE,
+    CriticHead,
+    QHead,
+    build_generator,
+    build_trunk,
+    trunk_dim,
+)
 
 __all__ = [
     "NORMALISATION",
@@ -78,7 +87,17 @@ log = logging.getLogger(__name__)
 NORMALISATION = "x / 127.5 - 1"
 
 #: Config keys that fix the shapes of the weights; a resumed run must keep them.
-ARCH_KEYS = ("k", "z_dim", "width", "crop_size")
+ARCH_KEYS = ("k", "z_dim", "width", "crop_size", "arch", "over_k", "q_norm")
+#: Augmentations of real crops: ``rot90`` the paper's four rotations (critic batches only);
+#: ``affine`` adds :func:`~.augment.augment`'s views for the IIC term and the critic.
+AUGMENTS = ("rot90", "affine")
+#: How crops are cut (see :func:`slidecensus.nuclei.crops.extract_crops`): ``nucleus`` the
+#: paper's nucleus box, outside the mask white; ``box`` the same without the mask;
+#: ``window`` a fixed physical window (``crop_window_um``) around the nucleus, unmasked.
+CROP_MODES = ("nucleus", "box", "window")
+#: What follows the adversarial schedule: ``none`` (the paper), or ``kmeans``: k-means on
+#: the trunk's features of the real crops, distilled into Q's head (:mod:`.refine`).
+REFINES = ("none", "kmeans")
 
 
 @dataclass(frozen=True)
@@ -109,8 +128,11 @@ class TrainConfig:
     seed : int
         Seed of weight initialisation and of every random draw of training.
     amp : bool
-        bfloat16 autocast for G and the critic forward on CUDA (the gradient penalty is
-        always computed in float32). Ignored on CPU.
+        bfloat16 autocast for the forward passes on CUDA (the gradient penalty is always
+        computed in float32).
+    amp_cpu : bool
+        The same on CPU (CPUs with AMX or AVX-512 BF16 run it faster than float32; see
+        docs/benchmarks.md for the measured ratio).
     channels_last : bool
         Use the channels-last memory format on CUDA (faster convolutions on tensor cores).
     deterministic : bool
@@ -123,6 +145,39 @@ class TrainConfig:
         Write the checkpoint every this many iterations (and at the end).
     crop_size : int
         Side of the crops; only 32 is supported.
+    preset : str
+        Name of the preset the configuration came from (``paper``, ``fast``, or
+        ``custom``); recorded, it changes nothing by itself.
+    arch : str
+        Network family: ``resnet`` (the paper's residual networks) or ``compact`` (plain
+        convolutions with group norm, for CPUs); see :mod:`.networks`.
+    lr_q, betas_q : float or None, (float, float) or None
+        Adam settings of the Q step (None: ``lr`` and ``betas``).
+    q_norm : bool
+        Batch norm in Q's hidden layer.
+    g_bias_mean : bool
+        Start G's output bias at the crops' mean colour (so G does not begin as a grey
+        image against white-background cells, which drives the early critic far off).
+    lambda_iic : float
+        Weight of the consistency term on real crops: minus the mutual information between
+        Q's clusters of two augmented views of the same crops (IIC, Ji et al. 2019); 0
+        turns it off (the paper).
+    over_k : int
+        Clusters of an auxiliary over-clustering head trained with the same term (0: none).
+    iic_batch : int
+        Real crops per Q step for the consistency term (each seen in two views).
+    augment : str
+        ``rot90`` (the paper's four rotations) or ``affine`` (rotations by any angle,
+        flips, scale, shift, stain jitter and noise for the consistency term's views).
+    refine, refine_steps : str, int
+        ``kmeans``: after the last iteration, cluster the trunk's features of the real
+        crops with k-means and train Q's head alone (``refine_steps`` Adam steps) to
+        predict those clusters (:mod:`.refine`); ``none``: Q's head as the game left it.
+    crop_mode, crop_window_um : str, float
+        How the census cuts crops for this model: ``nucleus`` (the paper's nucleus box,
+        outside the nucleus white), ``box`` (the same unmasked) or ``window`` (a fixed
+        ``crop_window_um`` window centred on the nucleus, resampled to 32 px, so the crop
+        keeps the cell's size and cytoplasm).
     """
 
     k: int = 5
@@ -139,14 +194,51 @@ class TrainConfig:
     rotations: bool = True
     seed: int = 0
     amp: bool = True
+    amp_cpu: bool = False
     channels_last: bool = False
     deterministic: bool = True
     q_trains_trunk: bool = True
     checkpoint_every: int = 500
     crop_size: int = CROP_SIZE
+    preset: str = "custom"
+    arch: str = "resnet"
+    lr_q: float | None = None
+    betas_q: tuple[float, float] | None = None
+    q_norm: bool = False
+    g_bias_mean: bool = False
+    lambda_iic: float = 0.0
+    over_k: int = 0
+    iic_batch: int = 128
+    augment: str = "rot90"
+    crop_mode: str = "nucleus"
+    crop_window_um: float = 18.0
+    refine: str = "none"
+    refine_steps: int = 300
 
     def __post_init__(self) -> None:
         problems = []
+        if self.arch not in ARCHS:
+            problems.append(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.augment not in AUGMENTS:
+            problems.append(f"augment must be one of {', '.join(AUGMENTS)}, got "
+                            f"{self.augment!r}")
+        if self.crop_mode not in CROP_MODES:
+            problems.append(f"crop_mode must be one of {', '.join(CROP_MODES)}, got "
+                            f"{self.crop_mode!r}")
+        if not (math.isfinite(self.crop_window_um) and self.crop_window_um > 0):
+            problems.append(f"crop_window_um must be a positive number of µm, got "
+                            f"{self.crop_window_um!r}")
+        if self.lambda_iic < 0:
+            problems.append(f"lambda_iic must be >= 0, got {self.lambda_iic}")
+        if self.over_k < 0 or self.over_k == 1:
+            problems.append(f"over_k must be 0 (no over-clustering head) or >= 2, got "
+                            f"{self.over_k}")
+        if self.refine not in REFINES:
+            problems.append(f"refine must be one of {', '.join(REFINES)}, got {self.refine!r}")
+        if self.iic_batch < 2:
+            problems.append(f"iic_batch must be >= 2, got {self.iic_batch}")
+        if self.lr_q is not None and not self.lr_q > 0:
+            problems.append(f"lr_q must be > 0, got {self.lr_q}")
         if self.k < 2:
             problems.append(f"k must be >= 2, got {self.k}")
         if self.z_dim < 1:
@@ -181,6 +273,7 @@ class TrainConfig:
         """Plain dict (lists for tuples) as stored in the checkpoint, plus the normalisation."""
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        d["betas_q"] = list(self.betas_q) if self.betas_q is not None else None
         d["normalisation"] = NORMALISATION
         return d
 
@@ -189,9 +282,14 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {key: v for key, v in d.items() if key in names}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
+        for key in ("betas", "betas_q"):
+            if kw.get(key) is not None:
+                kw[key] = tuple(kw[key])
         return cls(**kw)
+
+    def crop_spec(self) -> dict[str, Any]:
+        """How the census must cut crops for this model (``mode``, ``window_um``)."""
+        return {"mode": self.crop_mode, "window_um": float(self.crop_window_um)}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -227,14 +325,18 @@ def build_networks(config: TrainConfig) -> nn.ModuleDict:
 
     The global torch RNG is left as it was (initialisation runs in a forked RNG).
     """
+    dim = trunk_dim(config.arch, config.width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return nn.ModuleDict({
-            "G": Generator(config.k, config.z_dim, config.width),
-            "D_trunk": CriticTrunk(config.width),
-            "D_head": CriticHead(config.width),
-            "Q_head": QHead(config.width, config.k),
-        })
+        nets = {
+            "G": build_generator(config.arch, config.k, config.z_dim, config.width),
+            "D_trunk": build_trunk(config.arch, config.width),
+            "D_head": CriticHead(dim),
+            "Q_head": QHead(dim, config.k, norm=config.q_norm),
+        }
+        if config.over_k:
+            nets["Q_over"] = QHead(dim, config.over_k, norm=config.q_norm)
+        return nn.ModuleDict(nets)
 
 
 def sample_code(batch: int, k: int, z_dim: int, generator: torch.Generator,
@@ -287,6 +389,13 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
     norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + 1e-12)
     return (norm - 1.0).pow(2).mean()
+
+
+def init_output_bias(G: nn.Module, crops: np.ndarray) -> None:
+    """Set G's last convolution bias so that ``tanh`` of it is the crops' mean colour."""
+    mean = torch.from_numpy(crops.reshape(-1, 3).mean(axis=0) / 127.5 - 1.0).float()
+    with torch.no_grad():
+        G.to_rgb.bias.copy_(torch.atanh(mean.clamp(-0.98, 0.98)))
 
 
 def _versions() -> dict[str, str]:
@@ -369,23 +478,29 @@ class InfoGANTrainer:
         self.nets.train()
         self.G, self.trunk = self.nets["G"], self.nets["D_trunk"]
         self.d_head, self.q_head = self.nets["D_head"], self.nets["Q_head"]
-        self.use_amp = cuda and config.amp
+        self.q_over = self.nets["Q_over"] if "Q_over" in self.nets else None
+        self.use_amp = config.amp if device.type == "cuda" else config.amp_cpu
+        self.augment_spec = AugmentSpec()
+        self.last_iic = torch.zeros((), device=device)
 
-        def adam(params: list[nn.Parameter]) -> torch.optim.Adam:
-            return torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas))
+        def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]
+                 ) -> torch.optim.Adam:
+            return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
 
         self.d_params = [*self.trunk.parameters(), *self.d_head.parameters()]
-        self.opt_d = adam(self.d_params)
-        self.opt_g = adam(list(self.G.parameters()))
+        self.opt_d = adam(self.d_params, config.lr, config.betas)
+        self.opt_g = adam(list(self.G.parameters()), config.lr, config.betas)
         q_params = [*self.G.parameters(), *self.q_head.parameters()]
+        if self.q_over is not None:
+            q_params += list(self.q_over.parameters())
         if config.q_trains_trunk:
             q_params += list(self.trunk.parameters())
-        self.opt_q = adam(q_params)
+        self.opt_q = adam(q_params, config.lr_q or config.lr, config.betas_q or config.betas)
 
     # -- helpers
     def _amp(self) -> contextlib.AbstractContextManager:
         if self.use_amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _fmt(self, x: torch.Tensor) -> torch.Tensor:
@@ -439,20 +554,35 @@ class InfoGANTrainer:
         self._set_grad(self.d_params, True)
         return loss.detach()
 
-    def q_step(self) -> torch.Tensor:
-        """One update of L_Q = lambda2 * CE(Q(G(z, c)), c) over G, Q's head (and the trunk
-        when ``q_trains_trunk``); returns L_Q."""
+    def q_step(self, real: torch.Tensor | None = None) -> torch.Tensor:
+        """One update of L_Q = lambda2 * CE(Q(G(z, c)), c), plus ``lambda_iic`` times the
+        consistency term on two augmented views of ``real`` when both are given, over G,
+        Q's heads (and the trunk when ``q_trains_trunk``); returns L_Q (the consistency
+        term's value is kept in ``last_iic``)."""
+        cfg = self.config
         self._set_grad(list(self.d_head.parameters()), False)
-        self._set_grad(list(self.trunk.parameters()), self.config.q_trains_trunk)
+        self._set_grad(list(self.trunk.parameters()), cfg.q_trains_trunk)
         with self._amp():
-            fake, c = self.generate(self.config.batch_size)
+            fake, c = self.generate(cfg.batch_size)
             logits = self.q_head(self.trunk(fake))
-        loss = self.config.lambda_q * info_loss(logits, c)
+        loss_q = cfg.lambda_q * info_loss(logits, c)
+        loss_iic = torch.zeros((), device=self.device)
+        if real is not None and cfg.lambda_iic > 0:
+            views = torch.cat([augment(real, self.gen, self.augment_spec),
+                               augment(real, self.gen, self.augment_spec)])
+            with self._amp():
+                h = self.trunk(self._fmt(views))
+                heads = [self.q_head] + ([self.q_over] if self.q_over is not None else [])
+                for head in heads:
+                    p1, p2 = F.softmax(head(h).float(), dim=1).chunk(2)
+                    loss_iic = loss_iic + iic_loss(p1, p2)
+        loss = loss_q + cfg.lambda_iic * loss_iic
         self.opt_q.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_q.step()
         self._set_grad(self.d_params, True)
-        return loss.detach()
+        self.last_iic = loss_iic.detach()
+        return loss_q.detach()
 
     # -- state
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -526,6 +656,10 @@ def train_infogan(
     trainer = InfoGANTrainer(config, dev, gen)
     data_t = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(dev)
     batches = _RealBatches(data_t, config.batch_size, config.rotations, gen)
+    iic_batches = (_RealBatches(data_t, config.iic_batch, config.rotations, gen)
+                   if config.lambda_iic > 0 else None)
+    if config.g_bias_mean:
+        init_output_bias(trainer.G, crops)
 
     start_it, time_before, history = 0, 0.0, []
     if resume and out.exists():
@@ -542,16 +676,19 @@ def train_infogan(
         trainer.load(ckpt["weights"], state)
         gen.set_state(state["rng"])
         batches.load_state(state["data"])
+        if iic_batches is not None:
+            iic_batches.load_state(state["data_iic"])
         start_it = int(ckpt["summary"]["iteration"])
         time_before = float(ckpt["summary"]["time_s"])
         history = list(ckpt["summary"].get("history", []))
         if start_it >= total:
             return out
 
-    acc = torch.zeros(5, device=dev)  # sums of loss_d, gp, w_dist, loss_g, loss_q
+    acc = torch.zeros(6, device=dev)  # sums of loss_d, gp, w_dist, loss_g, loss_q, iic
     n_acc = 0
     t_run = time.perf_counter()
     t_log, it_log = t_run, start_it
+    refined: dict[str, Any] | None = None
 
     def snapshot(iteration: int) -> None:
         summary = {
@@ -559,10 +696,12 @@ def train_infogan(
             "iterations_per_epoch": per_epoch, "epochs_done": iteration / per_epoch,
             "n_crops": len(crops), "time_s": time_before + time.perf_counter() - t_run,
             "seed": config.seed, "device": str(dev), "versions": _versions(),
-            "history": history,
+            "history": history, "refine": refined,
         }
         train_state = {**trainer.optimiser_state(), "rng": gen.get_state(),
                        "data": batches.state()}
+        if iic_batches is not None:
+            train_state["data_iic"] = iic_batches.state()
         save_checkpoint({"config": config.to_dict(), "weights": trainer.weights(),
                          "summary": summary, "train_state": train_state}, out)
 
@@ -570,8 +709,8 @@ def train_infogan(
         for _ in range(config.n_critic):
             loss_d, gp, w_dist = trainer.critic_step(batches.next())
         loss_g = trainer.generator_step()
-        loss_q = trainer.q_step()
-        acc += torch.stack([loss_d, gp, w_dist, loss_g, loss_q])
+        loss_q = trainer.q_step(iic_batches.next() if iic_batches else None)
+        acc += torch.stack([loss_d, gp, w_dist, loss_g, loss_q, trainer.last_iic])
         n_acc += 1
         done = it + 1
         if done % log_every == 0 or done == total:
@@ -579,6 +718,7 @@ def train_infogan(
             means = (acc / n_acc).tolist()
             rec = {"iteration": done, "total": total, "loss_d": means[0], "gp": means[1],
                    "w_dist": means[2], "loss_g": means[3], "loss_q": means[4],
+                   "loss_iic": means[5],
                    "it_per_s": (done - it_log) / max(now - t_log, 1e-9)}
             history.append(rec)
             (progress or _log_progress)(rec)
@@ -586,6 +726,16 @@ def train_infogan(
             n_acc, t_log, it_log = 0, now, done
         if done % config.checkpoint_every == 0 and done != total:
             snapshot(done)
+    if config.refine == "kmeans" and start_it < total:
+        from .refine import refine_q_head
+
+        t_ref = time.perf_counter()
+        labels = refine_q_head(trainer.trunk, trainer.q_head, data_t, config.k, gen,
+                               steps=config.refine_steps, amp=trainer.use_amp)
+        sizes = torch.bincount(labels.cpu(), minlength=config.k).tolist()
+        refined = {"method": "kmeans", "cluster_sizes": sizes,
+                   "time_s": time.perf_counter() - t_ref}
+        log.info("Q refined on k-means of the trunk features: cluster sizes %s", sizes)
     snapshot(max(total, start_it))
     return out
 
@@ -594,7 +744,8 @@ def format_progress(rec: dict[str, float]) -> str:
     """One progress record as a log line (iterations, speed, the three losses)."""
     return (f"it {int(rec['iteration'])}/{int(rec['total'])}  {rec['it_per_s']:.2f} it/s  "
             f"L_D {rec['loss_d']:.3f} (GP {rec['gp']:.3f}, W {rec['w_dist']:.3f})  "
-            f"L_G {rec['loss_g']:.3f}  L_Q {rec['loss_q']:.3f}")
+            f"L_G {rec['loss_g']:.3f}  L_Q {rec['loss_q']:.3f}"
+            + (f"  L_IIC {rec['loss_iic']:.3f}" if rec.get("loss_iic") else ""))
 
 
 def _log_progress(rec: dict[str, float]) -> None:

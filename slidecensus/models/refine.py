@@ -1,0 +1,106 @@
+"""Sorting real cells with Q after training: k-means on the trunk's features, distilled
+into Q's head.
+
+InfoGAN's L_Q and the consistency term shape the shared trunk's features well before
+Q's own argmax settles: a head that learns a cluster late, or leaves one empty, lags the
+features it reads (measured in docs/benchmarks.md, cell model). The refinement step takes
+the trained trunk as it is, clusters its features of the real crops with k-means (k-means++
+seeding, several restarts, the lowest inertia kept), then trains Q's head alone with
+cross-entropy to predict those clusters from augmented views. The trunk, D and G are not
+changed; Q still classifies every cell of the census on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["kmeans"]
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, n_init: int = 8,
+           n_iter: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding, the best of ``n_init`` restarts.
+
+    Parameters
+    ----------
+    x : Tensor (n, d), float32
+    k : number of clusters (<= n)
+    generator : CPU torch.Generator for the seeding
+
+    Returns
+    -------
+    labels : Tensor (n,) int64
+    centres : Tensor (k, d)
+    """
+    x = x.float()
+    n = x.shape[0]
+    best, best_inertia = None, float("inf")
+    for _ in range(n_init):
+        idx = [int(torch.randint(n, (1,), generator=generator))]
+        d2 = ((x - x[idx[0]]) ** 2).sum(1)
+        for _ in range(1, k):
+            probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1 / n)
+            j = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            idx.append(j)
+            d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
+        centres = x[idx].clone()
+        for _ in range(n_iter):
+            labels = torch.cdist(x, centres).argmin(1)
+            new = torch.zeros_like(centres).index_add_(0, labels, x)
+            counts = torch.bincount(labels, minlength=k).float()
+            empty = counts == 0
+            new = new / counts.clamp_min(1)[:, None]
+            new[empty] = centres[empty]
+            if torch.allclose(new, centres):
+                centres = new
+                break
+            centres = new
+        labels = torch.cdist(x, centres).argmin(1)
+        inertia = float(((x - centres[labels]) ** 2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = (labels, centres), inertia
+    return best
+
+
+def trunk_features(trunk: nn.Module, crops: torch.Tensor, batch: int = 1024,
+                   amp: bool = False) -> torch.Tensor:
+    """Trunk features (n, d) float32 of uint8 NCHW ``crops`` (no gradients)."""
+    from .train import to_model_input
+
+    dev = next(trunk.parameters()).device
+    out = []
+    ctx = (torch.autocast(dev.type, dtype=torch.bfloat16) if amp
+           else torch.autocast(dev.type, enabled=False))
+    with torch.no_grad(), ctx:
+        for i in range(0, crops.shape[0], batch):
+            out.append(trunk(to_model_input(crops[i:i + batch].to(dev))).float())
+    return torch.cat(out)
+
+
+def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: int,
+                  generator: torch.Generator, *, steps: int = 300, batch: int = 256,
+                  lr: float = 1e-3, amp: bool = False) -> torch.Tensor:
+    """Cluster the trunk's features of ``crops`` (uint8 NCHW) with k-means and train
+    ``q_head`` alone to predict the clusters; returns the k-means labels (n,).
+
+    Features are centred and scaled to unit length first (cosine k-means): measured
+    against per-dimension standardisation, which blows up near-constant features.
+    """
+    feats = trunk_features(trunk, crops, amp=amp)
+    z = F.normalize(feats - feats.mean(0), dim=1)
+    labels, _ = kmeans(z.cpu(), k, generator)
+    labels = labels.to(feats.device)
+    opt = torch.optim.Adam(q_head.parameters(), lr=lr)
+    was_training = q_head.training
+    q_head.train()
+    n = feats.shape[0]
+    for _ in range(steps):
+        idx = torch.randint(n, (min(batch, n),), generator=generator).to(feats.device)
+        loss = F.cross_entropy(q_head(feats[idx]).float(), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    q_head.train(was_training)
+    return labels
