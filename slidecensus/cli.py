@@ -74,14 +74,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # the contract: `run` without --model trains on the cohort first (resumable)
         from .engine.modelfiles import is_url, model_exists
         from .engine.train import train_from_cohort
-        from .models import TrainConfig
 
         # next to the outputs; on object storage the training worker uploads it there
         model = (f"{args.out.rstrip('/')}/model.pt" if is_url(args.out)
                  else str(Path(args.out) / "model.pt"))
         if not model_exists(model):
-            train_from_cohort(args.cohort, model, config=TrainConfig(k=args.k),
-                              cluster=args.cluster, params=params)
+            train_from_cohort(args.cohort, model, preset=args.preset,
+                              settings={"k": args.k}, cluster=args.cluster, params=params)
     table = run_cohort(args.cohort, args.out, model=model, cluster=args.cluster,
                        params=params, slides_in_flight=args.slides_in_flight,
                        max_bad_tiles=args.max_bad_tiles)
@@ -96,21 +95,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine.plan import CensusParams
     from .engine.train import train_from_cohort
-    from .models import TrainConfig
     from .nuclei.segment import segment_params_from
 
-    kw = {"k": args.k, "seed": args.seed, "width": args.width}
-    if args.epochs is not None:
-        kw["epochs"] = args.epochs
-    if args.iterations is not None:
-        kw["iterations"] = args.iterations
+    settings = {"k": args.k, "width": args.width, "epochs": args.epochs,
+                "iterations": args.iterations}
+    if args.epochs is not None and args.iterations is None:
+        settings["iterations"] = None  # --epochs sets the length
     params = CensusParams(segment=segment_params_from(args.set))
-    path = train_from_cohort(args.cohort, args.out, config=TrainConfig(**kw),
+    path = train_from_cohort(args.cohort, args.out, preset=args.preset,
+                             settings={key: v for key, v in settings.items() if v is not None},
                              cluster=args.cluster, seed=args.seed, params=params,
                              tiles_per_slide=args.tiles_per_slide,
                              cells_per_slide=args.cells_per_slide)
     print(f"model written: {path}")
     return 0
+
+
+def _add_preset(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--preset", choices=["auto", "fast", "paper"], default="auto",
+                   help="training configuration: paper (Hu et al., width 128, a GPU job), "
+                        "fast (minutes on a CPU), auto (default): paper on a GPU worker, "
+                        "else fast")
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
@@ -247,11 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")
     s.add_argument("cohort", help="CSV with a path column, a folder, or a quoted glob")
     s.add_argument("--out", required=True, help="checkpoint file (.pt; a path or s3://...)")
+    _add_preset(s)
     s.add_argument("--k", type=int, default=5, help="cell clusters (categorical code values)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--width", type=int, default=128, help="channels of the residual blocks")
-    s.add_argument("--epochs", type=float, default=None, help="default 10, as in the paper")
-    s.add_argument("--iterations", type=int, default=None, help="overrides --epochs")
+    s.add_argument("--width", type=int, default=None,
+                   help="network channels (paper preset 128, fast 16)")
+    s.add_argument("--epochs", type=float, default=None,
+                   help="schedule in epochs over the sample (paper preset: 10)")
+    s.add_argument("--iterations", type=int, default=None,
+                   help="generator iterations; overrides --epochs (fast preset: a fixed "
+                        "number)")
     s.add_argument("--tiles-per-slide", type=int, default=8)
     s.add_argument("--cells-per-slide", type=int, default=2000)
     _add_segment_set(s)
@@ -276,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unreadable tiles a slide may have and still be counted (as 'partial', "
                         "tiles_done < tiles_planned); default 0: such a slide fails")
     s.add_argument("--k", type=int, default=5, help="clusters when training (no --model)")
+    _add_preset(s)
     s.add_argument("--no-classify", action="store_true",
                    help="count and map cells without a model (no training)")
     s.set_defaults(func=_cmd_run)

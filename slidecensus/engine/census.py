@@ -20,8 +20,8 @@ import os
 import time
 import traceback
 import zlib
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from .tasks import TileFailure, classify_task, finish_slide, segment_tile_guarde
 __all__ = [
     "SCHEMA_VERSION",
     "WORKER_BASE_BYTES",
+    "Progress",
     "run_cohort",
     "write_census_group",
 ]
@@ -45,6 +46,34 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a long command stands, for a progress display: the engine reports through a
+    ``progress`` callback and never prints.
+
+    ``phase`` names the step (``census``, ``sample`` and ``train`` for
+    :func:`~.train.train_from_cohort`, ``segment``); ``done`` of ``total`` ``unit`` are
+    finished (slides done before a resumed run included) and ``cells`` counted so far.
+    ``item`` and ``status`` name what just finished (empty on a phase's first report),
+    ``detail`` is a line about it (training losses), and ``dashboard`` is the Dask
+    dashboard's address, on a phase's first report.
+    """
+
+    phase: str
+    done: int
+    total: int
+    unit: str = "slides"
+    cells: int = 0
+    item: str = ""
+    status: str = ""
+    detail: str = ""
+    dashboard: str | None = None
+
+
+#: A ``progress`` callback.
+ProgressCallback = Callable[[Progress], None]
 
 
 def write_census_group(out: OutputDir, slide_id: str, res: dict, plan: SlidePlan, k: int,
@@ -59,10 +88,18 @@ def write_census_group(out: OutputDir, slide_id: str, res: dict, plan: SlidePlan
     classified = counts.sum(axis=2, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         prop = np.where(classified > 0, counts / np.maximum(classified, 1), np.nan)
+    from ..models.uncertainty import interval_from_moments
+
+    e = res.get("expected", np.zeros(counts.shape))
+    lo, hi = interval_from_moments(e, res.get("variance", np.zeros(counts.shape)), classified)
     ds = xr.Dataset(
         {
             "counts": (("y", "x", "cluster"), counts.astype(np.int32)),
             "proportion": (("y", "x", "cluster"), prop.astype(np.float32)),
+            # expected counts (sums of Q's probabilities) and their 95 % intervals
+            "expected": (("y", "x", "cluster"), e.astype(np.float32)),
+            "expected_lo": (("y", "x", "cluster"), lo.astype(np.float32)),
+            "expected_hi": (("y", "x", "cluster"), hi.astype(np.float32)),
             "cells": (("y", "x"), res["cells"].astype(np.int32)),
             "tissue": (("y", "x"), res["tissue"]),
         },
@@ -98,12 +135,18 @@ def _model_digest(model: str | ModelRef | None) -> str:
 
 def _model_k(model: str | ModelRef | None) -> int:
     """The model's k; loading it first refuses foreign or damaged checkpoints in one line."""
+    return int(_model_config(model).get("k", 0))
+
+
+def _model_config(model: str | ModelRef | None) -> dict:
+    """The model's training configuration (k, preset, crop mode ...), {} without a model;
+    loading it refuses foreign or damaged checkpoints in one line."""
     if model is None:
-        return 0
+        return {}
     from ..models import CheckpointError, load_model
 
     try:
-        return int(load_model(local_model(model)).config.k)
+        return load_model(local_model(model)).config.to_dict()
     except CheckpointError as exc:  # one line for slides.csv and the terminal
         raise CheckpointError(exc.path, _one_line(exc.reason)) from None
 
@@ -168,6 +211,7 @@ def run_cohort(
     slides_in_flight: int = 2,
     batch_tiles: int = 8,
     max_bad_tiles: int = 0,
+    progress: ProgressCallback | None = None,
 ) -> pd.DataFrame:
     """Run the census over a cohort; returns the ``slides.csv`` table.
 
@@ -191,6 +235,8 @@ def run_cohort(
     max_bad_tiles : tiles per slide that may stay unreadable after a retry; such a slide is
         ``partial`` (its ``error`` names the tiles, ``tiles_done < tiles_planned``). With
         the default 0 a single unreadable tile fails the slide.
+    progress : called with a :class:`Progress` (phase ``census``) once the run knows what
+        is left to do, and after each slide; else the dashboard's address is logged.
     """
     params = params or CensusParams()
     if slides_in_flight < 1:
@@ -206,13 +252,19 @@ def run_cohort(
     # a URL is pinned to its current version here: every worker classifies with exactly
     # the checkpoint whose digest the run records, even if it is retrained meanwhile
     model = pin_model(model) if model is not None else None
-    k = _model_k(model)  # loads it: a foreign or damaged checkpoint stops here
+    model_config = _model_config(model)  # loads it: a foreign or damaged one stops here
+    k = int(model_config.get("k", 0))
+    if model_config:  # the census cuts the crops the model was trained on
+        params = params.with_model_crops({"mode": model_config.get("crop_mode", "nucleus"),
+                                          "window_um": model_config.get("crop_window_um",
+                                                                        18.0)})
     out = out if isinstance(out, OutputDir) else OutputDir(out)
     out.makedirs()
     with RunLock(out):
         kw = {"model": model, "k": k, "params": params, "slides_in_flight": slides_in_flight,
               "batch_tiles": batch_tiles, "max_bad_tiles": max_bad_tiles,
-              "cohort": str(cohort) if not isinstance(cohort, pd.DataFrame) else "<table>"}
+              "cohort": str(cohort) if not isinstance(cohort, pd.DataFrame) else "<table>",
+              "progress": progress}
         if client is not None:
             return _run_locked(table, out, client, **kw)
         from ..cluster import get_client
@@ -224,7 +276,8 @@ def run_cohort(
 def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
                 model: str | ModelRef | None,
                 k: int, params: CensusParams, slides_in_flight: int, batch_tiles: int,
-                max_bad_tiles: int, cohort: str) -> pd.DataFrame:
+                max_bad_tiles: int, cohort: str,
+                progress: ProgressCallback | None = None) -> pd.DataFrame:
     """The run proper, with the output folder's lock held."""
     out.remove_stale_temporaries()
     import zarr
@@ -236,7 +289,8 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
         "params": asdict(params), "digest": digest, "versions": _versions(),
         # absolute, so reports (gallery) find it from any working directory
         "model": (str(model) if is_url(model) else str(Path(model).resolve())) if model else None,
-        "cohort": cohort, "max_bad_tiles": max_bad_tiles})
+        "cohort": cohort, "max_bad_tiles": max_bad_tiles,
+        "model_config": _model_config(model) or None})
     _check_worker_memory(client, params)
     gpu = _has_gpu_worker(client)
     if model is not None:
@@ -251,9 +305,13 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
         else:
             todo.append(row)
     log.info("%d slides: %d complete, %d to do", len(table), len(records), len(todo))
-    if getattr(client, "dashboard_link", None):
-        log.info("Dask dashboard: %s", client.dashboard_link)
+    dashboard = getattr(client, "dashboard_link", None)
+    if dashboard and progress is None:
+        log.info("Dask dashboard: %s", dashboard)
     total_cells = sum(int(r.get("n_cells", 0)) for r in records.values())
+    if progress is not None:
+        progress(Progress("census", len(records), len(table), cells=total_cells,
+                          dashboard=dashboard))
     for row, rec in _stream(client, todo, out, model, k, params, gpu, batch_tiles,
                             slides_in_flight, digest, max_bad_tiles):
         records[row["slide_id"]] = rec
@@ -266,6 +324,9 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
                  total_cells, row["slide_id"], rec["status"], detail)
         if rec.get("warning"):
             log.warning("%s: %s", row["slide_id"], rec["warning"])
+        if progress is not None:
+            progress(Progress("census", len(records), len(table), cells=total_cells,
+                              item=str(row["slide_id"]), status=rec["status"]))
     return _write_slides_csv(out, table, records, k)
 
 
@@ -329,7 +390,8 @@ def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, di
                    "n_classified": res["n_classified"], "tiles_planned": n_tiles,
                    "tiles_done": n_tiles - len(bad), "mpp": plan.mpp,
                    "mpp_known": plan.mpp_known,
-                   "proportions": props.tolist() if k else [], "seconds":
+                   "proportions": props.tolist() if k else [],
+                   **_slide_expected(res, k), "seconds":
                        time.perf_counter() - t0, "digest": digest}
             if bad:
                 rec["bad_tiles"] = bad  # every one, with its reason (the CSV lists 10)
@@ -338,6 +400,19 @@ def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, di
         fut.release()
         yield row, rec
         yield from submit_next()
+
+
+def _slide_expected(res: dict, k: int) -> dict:
+    """A slide's expected counts per cluster with their 95 % intervals (from the region
+    sums), for its record and ``slides.csv``."""
+    if not k or "expected" not in res:
+        return {}
+    from ..models.uncertainty import interval_from_moments
+
+    e = np.asarray(res["expected"]).sum(axis=(0, 1))
+    v = np.asarray(res["variance"]).sum(axis=(0, 1))
+    lo, hi = interval_from_moments(e, v, res["n_classified"])
+    return {"expected": e.tolist(), "expected_lo": lo.tolist(), "expected_hi": hi.tolist()}
 
 
 def _partial_error(bad: list[dict], n_tiles: int, show: int = 10) -> str:
@@ -386,6 +461,10 @@ def _write_slides_csv(out: OutputDir, table: pd.DataFrame, records: dict[str, di
         props = (rec or {}).get("proportions") or [np.nan] * k
         for j in range(k):
             row[f"p_{j}"] = props[j] if j < len(props) else np.nan
+        for key, name in (("expected", "e"), ("expected_lo", "lo"), ("expected_hi", "hi")):
+            vals = (rec or {}).get(key) or []
+            for j in range(k):
+                row[f"{name}_{j}"] = round(vals[j], 3) if j < len(vals) else np.nan
         if rec:
             row["tiles_planned"] = rec.get("tiles_planned", 0)
             row["tiles_done"] = rec.get("tiles_done", 0)

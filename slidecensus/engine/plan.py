@@ -47,6 +47,8 @@ class CensusParams:
     region_um: float = 256.0
     crop_size: int = 32
     masked_crops: bool = True
+    crop_mode: str = ""  # "" = from masked_crops; else nucleus | box | window (the model's)
+    crop_window_um: float = 18.0
     min_tissue: float = 0.0
     gallery_crops: int = 256
     seed: int = 0
@@ -64,10 +66,30 @@ class CensusParams:
                                     f"{self.region_um!r}")
         if not 8 <= self.crop_size <= 256:
             raise InvalidInputError(f"crop_size must be from 8 to 256 px, got {self.crop_size}")
+        if self.crop_mode not in ("", "nucleus", "box", "window"):
+            raise InvalidInputError(f"crop_mode must be nucleus, box or window, got "
+                                    f"{self.crop_mode!r}")
+        if not (math.isfinite(self.crop_window_um) and self.crop_window_um > 0):
+            raise InvalidInputError(f"crop_window_um must be a positive number of µm, got "
+                                    f"{self.crop_window_um!r}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise InvalidInputError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
         if self.gallery_crops < 0:
             raise InvalidInputError(f"gallery_crops must be >= 0, got {self.gallery_crops}")
+
+    def crops_mode(self) -> str:
+        """The crop mode in force: ``crop_mode``, or the paper's from ``masked_crops``."""
+        return self.crop_mode or ("nucleus" if self.masked_crops else "box")
+
+    def with_model_crops(self, spec: dict | None) -> CensusParams:
+        """These parameters with the crop mode a model was trained on (its config's
+        :meth:`~slidecensus.models.TrainConfig.crop_spec`); unchanged for None."""
+        if not spec:
+            return self
+        from dataclasses import replace
+
+        return replace(self, crop_mode=str(spec["mode"]),
+                       crop_window_um=float(spec.get("window_um", self.crop_window_um)))
 
     def tile_peak_bytes(self) -> int:
         """Conservative peak memory of one tile task (read window with a 128-px halo)."""

@@ -68,7 +68,7 @@ def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
 
 def _segment_tile_on(slide: Any, plan_mpp: float, tile: Tile, stain: StainModel,
                      params: CensusParams) -> tuple[pd.DataFrame, np.ndarray]:
-    from ..nuclei.crops import extract_crops
+    from ..nuclei.crops import crops_for
 
     if tile.level != 0:  # coordinates below are level-0 offsets
         raise InvalidInputError("the census segments level 0 (tiles of coarser levels are "
@@ -76,8 +76,8 @@ def _segment_tile_on(slide: Any, plan_mpp: float, tile: Tile, stain: StainModel,
     rgb = slide.read_region(tile.level, tile.rx, tile.ry, tile.rw, tile.rh)
     labels, table = segment_tile_with_labels(rgb, stain, params.segment, tile.core_in_read,
                                              plan_mpp)
-    crops = extract_crops(rgb, labels, table, size=params.crop_size,
-                          masked=params.masked_crops)
+    crops = crops_for(rgb, labels, table, params.crops_mode(), plan_mpp,
+                      params.crop_window_um, params.crop_size)
     if params.outlines:
         from ..nuclei.outlines import nucleus_outlines, pack_outlines
 
@@ -215,6 +215,27 @@ def region_counts(x_px: np.ndarray, y_px: np.ndarray, clusters: np.ndarray, k: i
     return np.bincount(flat, minlength=rows * cols * k).reshape(rows, cols, k)
 
 
+def region_expected(cells: pd.DataFrame, k: int, grid: tuple[int, int, float]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Expected count (sum of Q's probabilities) and Poisson-binomial variance of each
+    cluster per region, float64 (rows, cols, k) each; cells without probabilities (not
+    classified) add nothing."""
+    rows, cols, edge = grid
+    if k == 0 or len(cells) == 0 or "p_0" not in cells:
+        z = np.zeros((rows, cols, max(k, 0)))
+        return z, z.copy()
+    p = cells[[f"p_{j}" for j in range(k)]].to_numpy(np.float64)
+    p = np.where(np.isfinite(p), p, 0.0)
+    iy = np.clip((cells["y_px"].to_numpy() // edge).astype(np.int64), 0, rows - 1)
+    ix = np.clip((cells["x_px"].to_numpy() // edge).astype(np.int64), 0, cols - 1)
+    flat = iy * cols + ix
+    e = np.zeros((rows * cols, k))
+    v = np.zeros((rows * cols, k))
+    np.add.at(e, flat, p)
+    np.add.at(v, flat, p * (1.0 - p))
+    return e.reshape(rows, cols, k), v.reshape(rows, cols, k)
+
+
 def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
                  results: list[TileResult | TileFailure], params: CensusParams,
                  max_bad_tiles: int = 0) -> dict:
@@ -260,8 +281,10 @@ def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
     tissue = core_fractions(plan.tissue.mask, plan.tissue.downsample, windows, 1.0,
                             dilate=0).reshape(rows, cols)
     per_cluster = counts.sum(axis=(0, 1))
+    expected, variance = region_expected(cells, k, grid)
     return {"n_cells": len(cells), "n_classified": int(per_cluster.sum()),
             "per_cluster": per_cluster.tolist(), "counts": counts, "cells": total,
+            "expected": expected, "variance": variance,
             "tissue": tissue.astype(np.float32), "region_px": edge,
             "bad_tiles": [asdict(t) for t in bad]}
 

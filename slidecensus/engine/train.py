@@ -8,6 +8,7 @@ the client on :data:`TRAIN_TOPIC`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InvalidInputError
-from .census import _has_gpu_worker, _one_line
+from .census import Progress, ProgressCallback, _has_gpu_worker, _one_line, _row_mpp
 from .cohort import read_cohort
 from .modelfiles import is_url
 from .plan import CensusParams, plan_slide
@@ -49,6 +50,32 @@ def sample_slide_crops(path: str, mpp: float | None, params: CensusParams, n_til
     if len(allc) > n_cells:
         allc = allc[np.sort(rng.choice(len(allc), n_cells, replace=False))]
     return allc
+
+
+#: Caps of the training sample, whatever the cohort's size: tiles segmented for it, and
+#: crops gathered (60 000 is the sample of Hu et al.).
+MAX_TRAIN_TILES = 64
+MAX_TRAIN_CELLS = 60000
+
+
+def _cap_sample(table: pd.DataFrame, tiles_per_slide: int, cells_per_slide: int,
+                max_tiles: int, max_cells: int, seed: int
+                ) -> tuple[pd.DataFrame, int, int]:
+    """The slides, tiles per slide and crops per slide of a capped training sample."""
+    n = len(table)
+    if n == 0:
+        return table, tiles_per_slide, cells_per_slide
+    if n > max_tiles:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(n, max_tiles, replace=False))
+        log.info("training sample: %d of %d slides (seeded), at most %d tiles in all",
+                 max_tiles, n, max_tiles)
+        table, n = table.iloc[keep], max_tiles
+    tiles = max(1, min(tiles_per_slide, max_tiles // n))
+    cells = max(1, min(cells_per_slide, -(-max_cells // n)))
+    log.info("training sample capped at %d tiles and %d crops per slide (%d slides; at most "
+             "%d crops in all)", tiles, cells, n, min(max_cells, cells * n))
+    return table, tiles, cells
 
 
 #: Dask event topic on which the training worker reports progress to the client.
@@ -89,11 +116,18 @@ def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
     return model_out
 
 
-def _show_training(event: tuple[float, dict]) -> None:
-    """Client side of :data:`TRAIN_TOPIC`: log each progress record as it arrives."""
+def _show_training(event: tuple[float, dict], progress: ProgressCallback | None = None
+                   ) -> None:
+    """Client side of :data:`TRAIN_TOPIC`: each progress record as it arrives, logged or
+    given to ``progress`` (phase ``train``)."""
     from ..models import format_progress
 
-    log.info("training: %s", format_progress(event[1]))
+    rec = event[1]
+    if progress is None:
+        log.info("training: %s", format_progress(rec))
+    else:
+        progress(Progress("train", int(rec["iteration"]), int(rec["total"]),
+                          unit="iterations", detail=format_progress(rec)))
 
 
 def train_from_cohort(
@@ -107,16 +141,33 @@ def train_from_cohort(
     tiles_per_slide: int = 8,
     cells_per_slide: int = 2000,
     seed: int = 0,
+    preset: str = "auto",
+    settings: dict[str, Any] | None = None,
+    max_cells: int = MAX_TRAIN_CELLS,
+    max_tiles: int = MAX_TRAIN_TILES,
+    progress: ProgressCallback | None = None,
 ) -> Path | str:
     """Gather a seeded sample of crops across the cohort and train the model on one worker
     (the GPU worker when the cluster has one). Slides that fail to open are skipped with a
     warning; training needs at least one batch of cells. ``model_out`` may be an fsspec URL
-    (``s3://bucket/run/model.pt``): the worker uploads the finished checkpoint there."""
-    from ..models import TrainConfig
+    (``s3://bucket/run/model.pt``): the worker uploads the finished checkpoint there.
+
+    Without ``config`` the configuration is ``preset``'s (``auto``: ``paper`` when the
+    training worker has a GPU, ``fast`` otherwise; logged) with ``seed`` and any field
+    of ``settings`` (``{"k": 8, "iterations": 300}``) overridden. The
+    sample is capped whatever the cohort's size, so that gathering it and a ``fast``
+    training stay within minutes: at most ``max_tiles`` tiles (slides are sampled, seeded,
+    when there are more slides than that) and ``max_cells`` crops in all (logged). The
+    crops are cut the way the configuration says (``crop_mode``), as the census will.
+
+    ``progress`` gets a :class:`~.census.Progress` as each slide's sample is in (phase
+    ``sample``) and as the training goes (phase ``train``, in iterations), instead of
+    log lines.
+    """
+    from ..models import preset_config, resolve_preset
 
     # outlines are not needed for the training sample
     params = replace(params or CensusParams(), outlines=False)
-    config = config or TrainConfig(seed=seed)
     table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
     if client is None:
         from ..cluster import get_client
@@ -124,19 +175,43 @@ def train_from_cohort(
         with get_client(cluster) as c:
             return train_from_cohort(table, model_out, config=config, client=c, params=params,
                                      tiles_per_slide=tiles_per_slide,
-                                     cells_per_slide=cells_per_slide, seed=seed)
+                                     cells_per_slide=cells_per_slide, seed=seed,
+                                     preset=preset, settings=settings, max_cells=max_cells,
+                                     max_tiles=max_tiles,
+                                     progress=progress)
+    gpu = _has_gpu_worker(client)
+    if config is None:
+        name, why = resolve_preset(preset, gpu)
+        config = preset_config(name, **{"seed": seed, **(settings or {})})
+        log.info("training preset %s (%s)", name, why)
+    else:
+        log.info("training with the configuration given (preset %s)", config.preset)
+    params = params.with_model_crops(config.crop_spec())
+    table, tiles_per_slide, cells_per_slide = _cap_sample(table, tiles_per_slide,
+                                                          cells_per_slide, max_tiles,
+                                                          max_cells, seed)
     samples = []
     for _, row in table.iterrows():
-        samples.append(client.submit(sample_slide_crops, row["path"], None, params,
+        samples.append(client.submit(sample_slide_crops, row["path"], _row_mpp(row), params,
                                      tiles_per_slide, cells_per_slide, seed, pure=False))
-    ok = []
-    for (_, row), fut in zip(table.iterrows(), samples, strict=True):
+    ok, cells = [], 0
+    if progress is not None:
+        progress(Progress("sample", 0, len(samples),
+                          dashboard=getattr(client, "dashboard_link", None)))
+    for i, ((_, row), fut) in enumerate(zip(table.iterrows(), samples, strict=True)):
         if fut.status == "error" or fut.exception(timeout=None) is not None:
             log.warning("%s: skipped for training: %s", row["slide_id"],
                         _one_line(fut.exception()))
+            status = "skipped"
         else:
             ok.append(fut)
-    res_kw = {"resources": {"GPU": 1}} if _has_gpu_worker(client) else {}
+            status = "ok"
+            if progress is not None:  # the sample's size, counted where it lies
+                cells += int(client.submit(len, fut, pure=False).result())
+        if progress is not None:
+            progress(Progress("sample", i + 1, len(samples), cells=cells,
+                              item=str(row["slide_id"]), status=status))
+    res_kw = {"resources": {"GPU": 1}} if gpu else {}
     if is_url(model_out):
         target = str(model_out)
     else:
@@ -144,7 +219,8 @@ def train_from_cohort(
         target = str(Path(model_out).resolve())
     log.info("training on the crop samples of %d slides on %s", len(ok),
              "the GPU worker" if res_kw else "a CPU worker (no worker has a GPU resource)")
-    client.subscribe_topic(TRAIN_TOPIC, _show_training)
+    client.subscribe_topic(TRAIN_TOPIC, functools.partial(_show_training,
+                                                          progress=progress))
     try:
         done = client.submit(_train_task, target, config, *ok, pure=False, **res_kw)
         result = done.result()
