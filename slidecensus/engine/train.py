@@ -82,7 +82,31 @@ def _cap_sample(table: pd.DataFrame, tiles_per_slide: int, cells_per_slide: int,
 TRAIN_TOPIC = "slidecensus-train"
 
 
+def _training_threads() -> int:
+    """Torch threads for training on a CPU worker: every core this process may use. The
+    training task runs alone (the sample is gathered first), so the cores the other
+    workers' segmentation used are free; measured 1.6x faster on 2 cores than 1 thread."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
+    import torch
+
+
+    if not torch.cuda.is_available():
+        before = torch.get_num_threads()
+        torch.set_num_threads(_training_threads())
+        try:
+            return _train_task_on(model_out, config, *samples)
+        finally:
+            torch.set_num_threads(before)
+    return _train_task_on(model_out, config, *samples)
+
+
+def _train_task_on(model_out: str, config: Any, *samples: np.ndarray) -> str:
     from ..models import format_progress, train_infogan
     from .modelfiles import cache_dir, publish_model
 
