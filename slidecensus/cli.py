@@ -49,11 +49,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from .engine.census import Progress
     from .nuclei.segment import segment_file, segment_params_from
 
-    table = segment_file(args.image, args.out, mpp=args.mpp,
-                         params=segment_params_from(args.set), crops=args.crops,
-                         crop_masked=args.crop_mode == "masked", geojson=args.geojson)
+    with _progress(args) as show:
+        table = segment_file(args.image, args.out, mpp=args.mpp,
+                             params=segment_params_from(args.set), crops=args.crops,
+                             crop_masked=args.crop_mode == "masked", geojson=args.geojson,
+                             progress=lambda done, total, n: show(
+                                 Progress("segment", done, total, unit="tiles", cells=n)))
     print(f"{len(table)} nuclei -> {args.out}")
     if args.crops is not None:
         print(f"{len(table)} crops ({args.crop_mode}) -> {args.crops}")
@@ -63,33 +67,35 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .console import run_summary
     from .engine.census import run_cohort
     from .engine.plan import CensusParams
     from .nuclei.segment import segment_params_from
 
     params = CensusParams(tile_size=args.tile_size, region_um=args.region_um,
                           outlines=args.outlines, segment=segment_params_from(args.set))
-    model = args.model
+    model, train_first = args.model, False
     if model is None and not args.no_classify:
         # the contract: `run` without --model trains on the cohort first (resumable)
         from .engine.modelfiles import is_url, model_exists
-        from .engine.train import train_from_cohort
 
         # next to the outputs; on object storage the training worker uploads it there
         model = (f"{args.out.rstrip('/')}/model.pt" if is_url(args.out)
                  else str(Path(args.out) / "model.pt"))
-        if not model_exists(model):
+        train_first = not model_exists(model)
+    with _progress(args) as show:
+        if train_first:
+            from .engine.train import train_from_cohort
+
             train_from_cohort(args.cohort, model, preset=args.preset,
-                              settings={"k": args.k}, cluster=args.cluster, params=params)
-    table = run_cohort(args.cohort, args.out, model=model, cluster=args.cluster,
-                       params=params, slides_in_flight=args.slides_in_flight,
-                       max_bad_tiles=args.max_bad_tiles)
+                              settings={"k": args.k}, cluster=args.cluster, params=params,
+                              progress=show)
+        table = run_cohort(args.cohort, args.out, model=model, cluster=args.cluster,
+                           params=params, slides_in_flight=args.slides_in_flight,
+                           max_bad_tiles=args.max_bad_tiles, progress=show)
+    print(run_summary(table, args.out))
     # exit 1 when any slide failed; `partial` slides (allowed by --max-bad-tiles) do not
-    failed = int((table["status"] == "failed").sum())
-    partial = int((table["status"] == "partial").sum())
-    print(f"{int((table['status'] == 'ok').sum())} slides ok, {partial} partial, {failed} "
-          f"failed -> {args.out}")
-    return 1 if failed else 0
+    return 1 if (table["status"] == "failed").any() else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -102,11 +108,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.iterations is None:
         settings["iterations"] = None  # --epochs sets the length
     params = CensusParams(segment=segment_params_from(args.set))
-    path = train_from_cohort(args.cohort, args.out, preset=args.preset,
-                             settings={key: v for key, v in settings.items() if v is not None},
-                             cluster=args.cluster, seed=args.seed, params=params,
-                             tiles_per_slide=args.tiles_per_slide,
-                             cells_per_slide=args.cells_per_slide)
+    with _progress(args) as show:
+        path = train_from_cohort(args.cohort, args.out, preset=args.preset,
+                                 settings={key: v for key, v in settings.items()
+                                           if v is not None},
+                                 cluster=args.cluster, seed=args.seed, params=params,
+                                 tiles_per_slide=args.tiles_per_slide,
+                                 cells_per_slide=args.cells_per_slide, progress=show)
     print(f"model written: {path}")
     return 0
 
@@ -197,6 +205,44 @@ def _cmd_cluster_wait(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(args: argparse.Namespace):
+    """The command's progress display (a bar on a terminal, else a line every
+    ``--progress-every`` seconds; never a bar with ``--log-json``)."""
+    from .console import ProgressDisplay
+
+    return ProgressDisplay(every=args.progress_every, bar=False if args.log_json else None,
+                           handler=getattr(args, "log_handler", None))
+
+
+#: Commands whose work runs on Dask (their worker processes get the command's logging).
+_DASK_COMMANDS = {"synth", "train", "run", "demo"}
+
+
+def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v, --log-json and --progress-every, accepted before or after the subcommand (on
+    the subcommands they default to "not given", so they never undo the top level's)."""
+    def default(value: object) -> dict:
+        return {"default": value if top else argparse.SUPPRESS}
+
+    parser.add_argument("-v", "--verbose", action="count", **default(0),
+                        help="more messages: -v shows Dask's INFO lines and slidecensus's "
+                             "debug messages, -vv everything")
+    parser.add_argument("--log-json", action="store_true", **default(False),
+                        help="log one JSON object per line on stderr (time, level, logger, "
+                             "message), for pods; no progress bar")
+    parser.add_argument("--progress-every", type=float, metavar="SECONDS", **default(30.0),
+                        help="without a terminal (a pod, a pipe), a progress line every "
+                             "SECONDS (default 30)")
+
+
+def _add_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_global_options(sub, top=False)
+                _add_to_subcommands(sub)
+
+
 class _null:
     def __enter__(self):
         return None
@@ -218,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slidecensus",
         description="Census of every cell in a cohort of whole-slide images.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_global_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="describe a slide: levels, µm/px, format")
@@ -359,22 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cpu-workers", type=int, default=0)
     c.add_argument("--timeout", type=float, default=600.0, help="seconds (exit 1 after)")
     c.set_defaults(func=_cmd_cluster_wait)
+    _add_to_subcommands(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
+    from .console import command_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return int(args.func(args) or 0)
-    except SlidecensusError as exc:
-        print(f"slidecensus: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    with command_logging(args.verbose, args.log_json,
+                         dask=args.command in _DASK_COMMANDS) as handler:
+        args.log_handler = handler
+        try:
+            return int(args.func(args) or 0)
+        except SlidecensusError as exc:
+            if args.log_json:
+                logging.getLogger("slidecensus").error("error: %s", exc)
+            else:
+                print(f"slidecensus: error: {exc}", file=sys.stderr)
+            return 2

@@ -20,7 +20,7 @@ LAYER_OF = {
     "__init__": "ground", "errors": "ground",
     "tiling": "tiling", "nuclei": "nuclei", "models": "models", "cluster": "cluster",
     "engine": "engine", "reports": "reports",
-    "cli": "top", "demo": "top", "__main__": "top",
+    "cli": "top", "console": "top", "demo": "top", "__main__": "top",
 }
 _BELOW_ENGINE = {"ground", "tiling", "nuclei", "models", "cluster"}
 #: What each layer may import (itself included).

@@ -128,7 +128,7 @@ def get_client(spec: str | None = "local", *, memory_limit: str = "auto",
             _add_gpu_worker(cluster, i, limit)
         with Client(cluster) as client:
             if dashboard and client.dashboard_link:
-                log.info("Dask dashboard: %s", client.dashboard_link)
+                log.debug("Dask dashboard: %s", client.dashboard_link)
             yield client
     finally:
         cluster.close()

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -691,6 +692,7 @@ def segment_file(
     crops: str | os.PathLike | None = None,
     crop_masked: bool = True,
     geojson: str | os.PathLike | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Segment every nucleus of an image or slide file and write the cell table as Parquet.
 
@@ -723,6 +725,9 @@ def segment_file(
     geojson : path-like, optional
         Write the nuclei as QuPath detections with polygon outlines
         (:mod:`~.outlines`), streamed.
+    progress : callable, optional
+        Called as ``progress(tiles_done, tiles_total, nuclei_so_far)`` once the tiles are
+        planned and after each tile (a display's hook; nothing here prints).
 
     Returns
     -------
@@ -738,7 +743,7 @@ def segment_file(
         sinks += [crop_sink] if crop_sink is not None else []
         geo_sink = _GeoSink(Path(geojson)) if geojson is not None else None
         sinks += [geo_sink] if geo_sink is not None else []
-        table = _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink)
+        table = _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress)
         for sink in sinks:  # every output complete under its temporary name ...
             sink.finish()
     except BaseException:
@@ -752,7 +757,8 @@ def segment_file(
     return table
 
 
-def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink) -> pd.DataFrame:
+def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=None
+                   ) -> pd.DataFrame:
     """The tile loop of :func:`segment_file`; feeds the optional crop and outline sinks."""
     from ..tiling import open_slide, plan_tiles
 
@@ -774,7 +780,9 @@ def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink) -> pd.Data
             tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0, mask=tmask)
         parts, n = [], 0
         want_labels = crop_sink is not None or geo_sink is not None
-        for t in tiles:
+        if progress is not None:
+            progress(0, len(tiles), 0)
+        for i, t in enumerate(tiles):
             rgb = slide.read_region(0, t.rx, t.ry, t.rw, t.rh)
             if not want_labels:
                 tab = segment_tile(rgb, model, params, core=t.core_in_read, mpp=slide_mpp)
@@ -796,6 +804,8 @@ def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink) -> pd.Data
                 parts.append(tab)
                 if geo_sink is not None:
                     geo_sink.add(tab, polys)
+            if progress is not None:
+                progress(i + 1, len(tiles), n)
     table = pd.concat(parts, ignore_index=True) if parts else empty_cell_table()
     table["cell_id"] = np.arange(len(table), dtype=np.int64)
     return table.astype(CELL_COLUMNS)
