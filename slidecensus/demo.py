@@ -19,6 +19,10 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
+#: Clusters of the demo model: more than the 7 drawn nucleated types, so that a type with
+#: two looks (or a rare one) can take a cluster of its own; names then merge clusters.
+DEMO_K = 8
+
 #: A census nucleus is matched to the drawn cell whose nucleus centroid is nearest, if
 #: within this distance (µm); a nucleus further from every drawn one stays unmatched.
 MATCH_UM = 3.0
@@ -55,9 +59,11 @@ def name_clusters(clusters: np.ndarray, types: np.ndarray, k: int) -> dict[int, 
 
 
 def run_demo(out: str | Path, cluster: str = "local", seed: int = 0, n_slides: int = 4,
-             size: int = 2048, preset: str = "auto", k: int = 8) -> int:
-    """Synthesise ``n_slides`` slides, train a model with ``preset``, run the census,
-    name the clusters from the truth and report blast fractions, gallery and heatmap."""
+             size: int = 2048, preset: str = "auto", k: int = DEMO_K,
+             **settings: object) -> int:
+    """Synthesise ``n_slides`` slides, train a model with ``preset`` (any training
+    setting overridden by keyword, e.g. ``iterations=2`` in tests), run the census, name
+    the clusters from the truth and report blast fractions, gallery and heatmap."""
     from .cluster import get_client
     from .engine.census import run_cohort
     from .engine.train import train_from_cohort
@@ -76,7 +82,8 @@ def run_demo(out: str | Path, cluster: str = "local", seed: int = 0, n_slides: i
         model = out / "model.pt"
         if not model.exists():
             train_from_cohort(cohort, model, client=client, seed=seed, preset=preset,
-                              settings={"k": k}, tiles_per_slide=4, cells_per_slide=1500)
+                              settings={"k": k, **settings}, tiles_per_slide=4,
+                              cells_per_slide=1500)
         say(f"model: {model}")
         table = run_cohort(cohort, out / "census", model=model, client=client)
     say(f"census: {out / 'census'}")

@@ -72,7 +72,7 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path, capsys):
     """The README demo path (synth -> train -> census) on a 2-worker LocalCluster, small."""
     from slidecensus.demo import run_demo
 
-    assert run_demo(tmp_path, cluster="local:2", n_slides=2, size=768, iterations=2,
+    assert run_demo(tmp_path, cluster="local:2", n_slides=2, size=768, k=5, iterations=2,
                     width=8) == 0
     table = pd.read_csv(tmp_path / "census" / "slides.csv")
     assert table.status.tolist() == ["ok", "ok"]
@@ -80,7 +80,29 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path, capsys):
     props = table[[f"p_{j}" for j in range(5)]].to_numpy()
     assert abs(props.sum(axis=1) - 1).max() < 1e-9
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "census" / "census.zarr").is_dir()
-    assert "truth_cells" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "truth_cells" in printed and "truth_blasts" in printed
+    assert "purity of the clusters against the drawn cell types" in printed
+    assert (tmp_path / "census" / "clusters.toml").is_file()
+    assert (tmp_path / "census" / "gallery.png").is_file()
+
+
+def test_demo_truth_matching_names_clusters_on_a_constructed_case():
+    """Nuclei next to drawn cells take their types; far ones stay unmatched; each cluster
+    is named after its majority type, and two clusters may share a name."""
+    import numpy as np
+
+    from slidecensus.demo import match_truth, name_clusters
+
+    truth_xy = np.array([[10.0, 10.0], [50.0, 50.0], [90.0, 10.0]])
+    truth_ty = np.array(["myeloblast", "lymphocyte", "myeloblast"])
+    cells_xy = np.array([[11.0, 9.0], [52.0, 49.0], [89.0, 12.0], [200.0, 200.0],
+                         [49.0, 51.0]])
+    types = match_truth(cells_xy, truth_xy, truth_ty, max_dist_px=5.0)
+    assert types.tolist() == ["myeloblast", "lymphocyte", "myeloblast", "", "lymphocyte"]
+    clusters = np.array([0, 1, 2, 1, 1])
+    assert name_clusters(clusters, types, k=4) == {0: "myeloblast", 1: "lymphocyte",
+                                                   2: "myeloblast"}
 
 
 def test_segment_parameters_are_set_from_the_command_line(marrow_pngs, tmp_path, capsys):
