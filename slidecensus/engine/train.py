@@ -37,12 +37,22 @@ log = logging.getLogger(__name__)
 
 
 def sample_slide_crops(path: str, mpp: float | None, params: CensusParams, n_tiles: int,
-                       n_cells: int, seed: int) -> np.ndarray:
+                       n_cells: int, seed: int, budget_px: float | None = None) -> np.ndarray:
     """A seeded sample of one slide's crops: ``n_tiles`` random tiles, at most ``n_cells``
-    crops from them (so a huge slide cannot dominate the training set)."""
+    crops from them (so a huge slide cannot dominate the training set).
+
+    ``budget_px`` bounds the pixels segmented: the tiles are cut to those that fit in it,
+    and when not even one tile fits, the slide gives one tile with probability
+    budget / tile area (seeded), so a cohort of many large slides still segments about
+    its budget in all, from a random subset of its slides.
+    """
     plan = plan_slide(path, mpp, params)
     rng = np.random.default_rng([seed, int(hashlib.sha256(path.encode()).hexdigest()[:8], 16)])
     tiles = list(plan.tiles)
+    if budget_px is not None and tiles:
+        area = float(np.mean([t.rw * t.rh for t in tiles]))
+        fit = int(budget_px // area)
+        n_tiles = min(n_tiles, fit) if fit >= 1 else int(rng.random() < budget_px / area)
     if len(tiles) > n_tiles:
         tiles = [tiles[i] for i in sorted(rng.choice(len(tiles), n_tiles, replace=False))]
     crops = [segment_tile_task(path, mpp, plan.mpp, t, plan.stain, params)[1] for t in tiles]
@@ -52,29 +62,31 @@ def sample_slide_crops(path: str, mpp: float | None, params: CensusParams, n_til
     return allc
 
 
-#: Caps of the training sample, whatever the cohort's size: tiles segmented for it, and
-#: crops gathered (60 000 is the sample of Hu et al.).
+#: Caps of the training sample, whatever the cohort's size: tiles of the default size
+#: segmented for it (as a pixel budget: small images count by their area), slides opened
+#: for it, and crops gathered (60 000 is the sample of Hu et al.).
 MAX_TRAIN_TILES = 64
+MAX_TRAIN_SLIDES = 1024
 MAX_TRAIN_CELLS = 60000
 
 
 def _cap_sample(table: pd.DataFrame, tiles_per_slide: int, cells_per_slide: int,
-                max_tiles: int, max_cells: int, seed: int
+                max_tiles: int, max_cells: int, seed: int, tile_size: int
                 ) -> tuple[pd.DataFrame, int, int]:
     """The slides, tiles per slide and crops per slide of a capped training sample."""
     n = len(table)
     if n == 0:
         return table, tiles_per_slide, cells_per_slide
-    if n > max_tiles:
+    if n > MAX_TRAIN_SLIDES:
         rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(n, max_tiles, replace=False))
-        log.info("training sample: %d of %d slides (seeded), at most %d tiles in all",
-                 max_tiles, n, max_tiles)
-        table, n = table.iloc[keep], max_tiles
+        keep = np.sort(rng.choice(n, MAX_TRAIN_SLIDES, replace=False))
+        log.info("training sample: %d of %d slides (seeded)", MAX_TRAIN_SLIDES, n)
+        table, n = table.iloc[keep], MAX_TRAIN_SLIDES
     tiles = max(1, min(tiles_per_slide, max_tiles // n))
-    cells = max(1, min(cells_per_slide, -(-max_cells // n)))
-    log.info("training sample capped at %d tiles and %d crops per slide (%d slides; at most "
-             "%d crops in all)", tiles, cells, n, min(max_cells, cells * n))
+    cells = max(1, min(cells_per_slide, -(-max_cells // min(n, max_tiles))))
+    log.info("training sample capped at %d tiles and %d crops per slide, about %d tiles of "
+             "%d px in all (%d slides; at most %d crops)", tiles, cells, max_tiles,
+             tile_size, n, max_cells)
     return table, tiles, cells
 
 
@@ -92,7 +104,8 @@ def _training_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
+def _train_task(model_out: str, config: Any, *samples: np.ndarray,
+                max_cells: int | None = None) -> str:
     import torch
 
 
@@ -100,18 +113,24 @@ def _train_task(model_out: str, config: Any, *samples: np.ndarray) -> str:
         before = torch.get_num_threads()
         torch.set_num_threads(_training_threads())
         try:
-            return _train_task_on(model_out, config, *samples)
+            return _train_task_on(model_out, config, *samples, max_cells=max_cells)
         finally:
             torch.set_num_threads(before)
-    return _train_task_on(model_out, config, *samples)
+    return _train_task_on(model_out, config, *samples, max_cells=max_cells)
 
 
-def _train_task_on(model_out: str, config: Any, *samples: np.ndarray) -> str:
+def _train_task_on(model_out: str, config: Any, *samples: np.ndarray,
+                   max_cells: int | None = None) -> str:
     from ..models import format_progress, train_infogan
     from .modelfiles import cache_dir, publish_model
 
     parts = [s for s in samples if len(s)]
     crops = np.concatenate(parts) if parts else np.zeros((0, 32, 32, 3), np.uint8)
+    if max_cells is not None and len(crops) > max_cells:
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(crops), max_cells,
+                                                                 replace=False))
+        log.info("training sample: %d of %d crops (seeded cap)", max_cells, len(crops))
+        crops = crops[keep]
     if len(crops) < config.batch_size:
         raise InvalidInputError(f"only {len(crops)} cells found in the cohort; training needs "
                                 f"at least one batch ({config.batch_size})")
@@ -213,11 +232,13 @@ def train_from_cohort(
     params = params.with_model_crops(config.crop_spec())
     table, tiles_per_slide, cells_per_slide = _cap_sample(table, tiles_per_slide,
                                                           cells_per_slide, max_tiles,
-                                                          max_cells, seed)
+                                                          max_cells, seed, params.tile_size)
+    budget = max_tiles * (params.tile_size + 256) ** 2 / max(len(table), 1)  # px per slide
     samples = []
     for _, row in table.iterrows():
         samples.append(client.submit(sample_slide_crops, row["path"], _row_mpp(row), params,
-                                     tiles_per_slide, cells_per_slide, seed, pure=False))
+                                     tiles_per_slide, cells_per_slide, seed, budget,
+                                     pure=False))
     ok, cells = [], 0
     if progress is not None:
         progress(Progress("sample", 0, len(samples),
@@ -246,7 +267,8 @@ def train_from_cohort(
     client.subscribe_topic(TRAIN_TOPIC, functools.partial(_show_training,
                                                           progress=progress))
     try:
-        done = client.submit(_train_task, target, config, *ok, pure=False, **res_kw)
+        done = client.submit(_train_task, target, config, *ok, max_cells=max_cells,
+                             pure=False, **res_kw)
         result = done.result()
         return result if is_url(result) else Path(result)
     finally:
