@@ -1,0 +1,228 @@
+"""Benchmarks of the cell model as a user meets it: through the CLI, on real and drawn cells.
+
+Measured, never asserted. Sub-commands::
+
+    python -m benchmarks.bench_cellmodel blood  [--k 8] [--preset auto]
+    python -m benchmarks.bench_cellmodel speed  [--n 8192]
+    python -m benchmarks.bench_cellmodel ablation --data CROPS.npz [--iterations 600]
+
+``blood``: the 1200 labelled blood cells of ../shared/data/blood-cells as a cohort of 1200
+"slides" (µm/px 0.1, from the red cells' 7.5 µm), through ``slidecensus train --k 8`` with
+default settings and ``slidecensus run --model``, timed, then ``run --no-classify`` for the
+classified/unclassified time ratio. Each image's most central census cell gives its cluster;
+purity, entropy and F-score are scored against the labels, next to raw-pixel k-means on the
+same cells' window crops (cut by the census' own crop function) in the same run.
+
+``speed``: Q's inference rate, one thread (cells/s per core), fp32 and bf16, for the fast
+and paper networks; training iterations/s on every core, fp32 and bf16.
+
+``ablation``: the fast preset with one change at a time on a labelled crop set (``.npz``
+with ``crops`` and ``labels``), purity and minutes for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import write_results  # noqa: E402
+
+BLOOD = ROOT.parent / "shared" / "data" / "blood-cells"
+CACHE = Path(os.environ.get("SLIDECENSUS_BENCH_CACHE", "/tmp/slidecensus-bench"))
+#: µm per pixel of the blood-cell images: red cells (7.5 µm) span about 75 px.
+BLOOD_MPP = 0.1
+
+
+def _cli(*args: str) -> float:
+    """Run ``slidecensus ARGS`` and return its wall time (s); fails loudly."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "slidecensus.cli", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def _scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    from slidecensus.models.metrics import entropy, f_score, purity
+
+    return {"purity": purity(labels, clusters), "entropy": entropy(labels, clusters),
+            "f_score": f_score(labels, clusters)}
+
+
+def cmd_blood(args: argparse.Namespace) -> dict:
+    import pandas as pd
+    from skimage import io
+    from sklearn.cluster import KMeans
+
+    from slidecensus.models import load_model
+    from slidecensus.nuclei.crops import extract_window_crops
+
+    work = CACHE / "blood-cli"
+    work.mkdir(parents=True, exist_ok=True)
+    labels = pd.read_csv(BLOOD / "labels.csv")
+    cohort = pd.DataFrame({"path": [str(BLOOD / p) for p in labels["path"]],
+                           "slide_id": [Path(p).stem for p in labels["path"]],
+                           "mpp": BLOOD_MPP})
+    cohort.to_csv(work / "cohort.csv", index=False)
+    model, run, plain = work / "model.pt", work / "run", work / "run-plain"
+    res: dict = {"k": args.k, "preset": args.preset, "mpp": BLOOD_MPP}
+    for p in (model,):
+        p.unlink(missing_ok=True)
+    res["train_s"] = _cli("train", str(work / "cohort.csv"), "--out", str(model), "--k",
+                          str(args.k), "--preset", args.preset)
+    res["run_s"] = _cli("run", str(work / "cohort.csv"), "--out", str(run), "--model",
+                        str(model))
+    res["run_no_classify_s"] = _cli("run", str(work / "cohort.csv"), "--out", str(plain),
+                                    "--no-classify")
+    res["classified_over_unclassified"] = res["run_s"] / res["run_no_classify_s"]
+    cfg = load_model(model).config
+    res["model"] = {"preset": cfg.preset, "iterations": cfg.iterations, "width": cfg.width,
+                    "crop_mode": cfg.crop_mode, "crop_window_um": cfg.crop_window_um}
+    clusters, crops, y, missing = [], [], [], 0
+    for sid, path, lab in zip(cohort["slide_id"], cohort["path"], labels["cell_type"],
+                              strict=True):
+        cells = pd.read_parquet(run / "cells" / f"{sid}.parquet")
+        if cells.empty:
+            missing += 1
+            continue
+        img = io.imread(path)[..., :3]
+        h, w = img.shape[:2]
+        i = int(np.argmin(np.hypot(cells["x_px"] - w / 2, cells["y_px"] - h / 2)))
+        clusters.append(int(cells["cluster"].iloc[i]))
+        crops.append(extract_window_crops(img, cells[["x_px", "y_px"]].to_numpy()[i:i + 1],
+                                          cfg.crop_window_um / BLOOD_MPP)[0])
+        y.append(lab)
+    y, clusters = np.array(y), np.array(clusters)
+    res["images_without_a_cell"] = missing
+    res["q"] = _scores(y, clusters)
+    x = np.stack(crops).reshape(len(crops), -1).astype(np.float32) / 255
+    res["kmeans_raw_pixels"] = _scores(y, KMeans(args.k, n_init=10, random_state=0)
+                                       .fit_predict(x))
+    from slidecensus.models.metrics import contingency
+
+    res["contingency"] = {"classes": np.unique(y).tolist(),
+                          "table": contingency(y, clusters).tolist()}
+    print(json.dumps({key: v for key, v in res.items() if key != "contingency"}, indent=1))
+    return res
+
+
+def cmd_speed(args: argparse.Namespace) -> dict:
+    import torch
+
+    from slidecensus.models import CellModel, predict, preset_config
+    from slidecensus.models.train import InfoGANTrainer, _RealBatches, build_networks
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
+    res: dict = {"infer_cells_per_s_one_thread": {}, "train_it_per_s_all_cores": {}}
+    for preset in ("fast", "paper"):
+        for amp in (False, True):
+            cfg = preset_config(preset, amp_cpu=amp)
+            nets = build_networks(cfg)
+            mods = [nets[n].eval().requires_grad_(False) for n in ("G", "D_trunk", "D_head",
+                                                                    "Q_head")]
+            model = CellModel(cfg, {}, *mods, device=torch.device("cpu"))
+            torch.set_num_threads(1)
+            n = args.n if preset == "fast" else max(256, args.n // 32)
+            predict(model, crops[:256], batch_size=256)
+            t = time.perf_counter()
+            predict(model, crops[:n], batch_size=256)
+            rate = n / (time.perf_counter() - t)
+            res["infer_cells_per_s_one_thread"][f"{preset}_{'bf16' if amp else 'fp32'}"] = rate
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
+            gen = torch.Generator().manual_seed(0)
+            tr = InfoGANTrainer(cfg, torch.device("cpu"), gen)
+            data = torch.from_numpy(crops[:2048]).permute(0, 3, 1, 2).contiguous()
+            b = _RealBatches(data, cfg.batch_size, True, gen)
+            bi = _RealBatches(data, cfg.iic_batch, True, gen)
+            steps = 6 if preset == "fast" else 1
+
+            def one(tr=tr, b=b, bi=bi, cfg=cfg):
+                for _ in range(cfg.n_critic):
+                    tr.critic_step(b.next())
+                tr.generator_step()
+                tr.q_step(bi.next() if cfg.lambda_iic > 0 else None)
+
+            one()
+            t = time.perf_counter()
+            for _ in range(steps):
+                one()
+            res["train_it_per_s_all_cores"][f"{preset}_{'bf16' if amp else 'fp32'}"] = (
+                steps / (time.perf_counter() - t))
+            print(preset, amp, rate, res["train_it_per_s_all_cores"], flush=True)
+    res["threads_all_cores"] = len(os.sched_getaffinity(0))
+    return res
+
+
+def cmd_ablation(args: argparse.Namespace) -> dict:
+    import torch
+
+    from slidecensus.models import load_model, predict, preset_config, train_infogan
+
+    d = np.load(args.data)
+    crops, labels = d["crops"], d["labels"]
+    keep = labels != ""
+    crops, labels = crops[keep], labels[keep]
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    variants = {
+        "fast preset": {},
+        "no IIC term (lambda_iic 0)": {"lambda_iic": 0.0, "over_k": 0},
+        "no k-means refinement": {"refine": "none"},
+        "no over-clustering head": {"over_k": 0},
+        "no Q batch norm": {"q_norm": False},
+        "no G bias at the data mean": {"g_bias_mean": False},
+        "bf16 autocast": {"amp_cpu": True},
+        "paper's Adam for Q (lr 1e-4, betas 0.5/0.9)": {"lr_q": None, "betas_q": None,
+                                                         "lr": 1e-4},
+    }
+    if args.only:
+        variants = {key: v for key, v in variants.items() if key in args.only}
+    rows = []
+    for name, change in variants.items():
+        cfg = preset_config("fast", k=args.k, iterations=args.iterations, **{
+            key: v for key, v in change.items() if v is not None})
+        if "lr_q" in change:  # None means "the paper's lr for Q too"
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, lr_q=None, betas_q=None)
+        out = CACHE / "ablation.pt"
+        t = time.perf_counter()
+        train_infogan(crops, cfg, out, resume=False, log_every=10**6, progress=lambda r: None)
+        minutes = (time.perf_counter() - t) / 60
+        clusters, _ = predict(load_model(out), crops)
+        from slidecensus.models.metrics import purity
+
+        rows.append({"change": name, "purity": purity(labels, clusters), "minutes": minutes})
+        print(rows[-1], flush=True)
+    return {"data": args.data, "k": args.k, "iterations": args.iterations, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("blood")
+    s.add_argument("--k", type=int, default=8)
+    s.add_argument("--preset", default="auto")
+    s = sub.add_parser("speed")
+    s.add_argument("--n", type=int, default=8192)
+    s = sub.add_parser("ablation")
+    s.add_argument("--data", required=True)
+    s.add_argument("--k", type=int, default=8)
+    s.add_argument("--iterations", type=int, default=600)
+    s.add_argument("--only", nargs="*", default=None)
+    args = p.parse_args(argv)
+    res = {"blood": cmd_blood, "speed": cmd_speed, "ablation": cmd_ablation}[args.cmd](args)
+    write_results(f"cellmodel_{args.cmd}", res)
+
+
+if __name__ == "__main__":
+    main()
