@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -88,8 +89,10 @@ def _worker_logging(verbose: int, json_lines: bool) -> dict[str, Any]:
         "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
                                 "formatter": "slidecensus"}},
         "root": {"level": "WARNING", "handlers": ["stderr"]},
+        # slidecensus's INFO lines of a worker (a training record, say) stay there: the
+        # command reports progress itself, and another process's lines break a bar
         "loggers": {name: {"level": level} for name, level in _dask_levels(verbose).items()}
-        | {"slidecensus": {"level": "DEBUG" if verbose else "INFO"}},
+        | {"slidecensus": {"level": "DEBUG" if verbose else "WARNING"}},
     }
 
 
@@ -162,13 +165,18 @@ def _rate(n: float, seconds: float, unit: str) -> str:
     return f"{per_s:.3g} {unit}/s" if per_s >= 1 else f"{per_s * 60:.3g} {unit}/min"
 
 
+#: The iteration count and speed that start a training record (the bar shows them).
+_TRAIN_COUNTS = re.compile(r"^it \d+/\d+\s+[\d.]+ it/s\s+")
+
+
 class _Phase:
     """One phase's counts, and what its display needs (start time, its bar)."""
 
-    def __init__(self, p: Progress) -> None:
-        self.name, self.unit, self.total = p.phase, p.unit, p.total
-        self.first, self.last = p.done, p
-        self.t0 = time.monotonic()
+    def __init__(self, p: Progress, t0: float) -> None:
+        self.name, self.unit, self.total, self.last, self.t0 = p.phase, p.unit, p.total, p, t0
+        # a phase's first report is its start (a resumed run counts what was done before
+        # as done, not as this run's rate), or already a finished step (training records)
+        self.first = 0 if (p.item or p.detail) else p.done
         self.bar: Any = None
 
     def line(self) -> str:
@@ -208,6 +216,7 @@ class ProgressDisplay:
         self.handler = handler
         self.log = logging.getLogger(PROGRESS_LOGGER)
         self.phase: _Phase | None = None
+        self._ended: float | None = None  # when the last phase ended (the next starts then)
         self.dashboards: set[str] = set()
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -229,15 +238,15 @@ class ProgressDisplay:
                 self._say(f"Dask dashboard: {p.dashboard}")
             if self.phase is None or self.phase.name != p.phase:
                 self._end_phase()
-                self.phase = _Phase(p)
+                self.phase = _Phase(p, self._ended or time.monotonic())
                 if self.bar:
                     self._open_bar(self.phase)
             ph = self.phase
             ph.last, ph.total = p, p.total
             if ph.bar is not None:
                 ph.bar.total = p.total
-                ph.bar.set_postfix_str(f"{p.cells:,} cells" if p.cells else p.detail[:60],
-                                       refresh=False)
+                ph.bar.set_postfix_str(f"{p.cells:,} cells" if p.cells else
+                                       _TRAIN_COUNTS.sub("", p.detail)[:70], refresh=False)
                 if p.done > ph.bar.n:
                     ph.bar.update(p.done - ph.bar.n)  # (tqdm's rate needs its updates)
                 else:
@@ -269,7 +278,8 @@ class ProgressDisplay:
         ph.bar = tqdm(total=ph.total, initial=ph.first, desc=ph.name, unit=f" {ph.unit}",
                       file=self.stream, dynamic_ncols=True, smoothing=0.1, leave=True,
                       bar_format="{desc}: {n_fmt}/{total_fmt}{unit} |{bar}| "
-                                 "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+                                 "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+        ph.bar.start_t -= max(0.0, time.monotonic() - ph.t0)  # the phase began before its bar
         if isinstance(self.handler, _ConsoleHandler):
             self.handler.bar_active = True
 
@@ -277,6 +287,7 @@ class ProgressDisplay:
         ph, self.phase = self.phase, None
         if ph is None:
             return
+        self._ended = time.monotonic()
         if ph.bar is not None:
             ph.bar.close()
             if isinstance(self.handler, _ConsoleHandler):

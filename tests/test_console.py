@@ -102,6 +102,22 @@ def test_the_progress_fallback_prints_plain_lines_without_a_terminal(caplog):
     assert stream.getvalue() == ""  # nothing drawn
 
 
+def test_a_phase_that_starts_with_a_finished_step_counts_from_the_previous_phase(caplog):
+    """Training reports only finished records: its rate counts from zero and from the end
+    of the sampling phase before it, not from its first record."""
+    caplog.set_level(logging.INFO, logger="slidecensus.progress")
+    with ProgressDisplay(every=60, stream=io.StringIO()) as show:
+        show(Progress("sample", 0, 1))
+        show(Progress("sample", 1, 1, cells=50, item="a", status="ok"))
+        time.sleep(0.2)
+        show(Progress("train", 6, 6, unit="iterations", detail="it 6/6"))
+    last = [r.getMessage() for r in caplog.records if r.name == "slidecensus.progress"][-1]
+    assert re.fullmatch(r"train: 6/6 iterations, done in \d+ s, [\d.]+ iterations/(s|min) "
+                        r"\(it 6/6\)", last), last
+    rate = float(re.search(r"([\d.]+) iterations/s", last).group(1))
+    assert rate < 6 / 0.15  # measured over the 0.2 s since sampling ended
+
+
 def test_on_a_terminal_a_bar_is_drawn_and_log_lines_go_above_it():
     term = _Terminal()
     with command_logging(stream=term) as handler, \
