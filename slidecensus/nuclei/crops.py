@@ -149,7 +149,8 @@ def _resample(img, lab, ids, wx, wy, side, size, masked):
 
 
 def extract_window_crops(rgb: np.ndarray, centres_xy: np.ndarray, window_px: float,
-                         size: int = 32) -> np.ndarray:
+                         size: int = 32, labels: np.ndarray | None = None,
+                         ids: np.ndarray | None = None) -> np.ndarray:
     """A fixed ``window_px`` square window centred on each point, resampled to ``size``.
 
     Unlike :func:`extract_crops`, every crop covers the same physical area whatever the
@@ -167,6 +168,10 @@ def extract_window_crops(rgb: np.ndarray, centres_xy: np.ndarray, window_px: flo
         Side of the window in pixels of ``rgb`` (the crop's µm divided by the µm/px).
     size : int
         Side of the crops.
+    labels, ids : ndarray (h, w) of int, ndarray (n,) of int, optional
+        A label image of the nuclei and each window's own nucleus id: pixels of *other*
+        nuclei are then white, so a crop shows one nucleus with its cytoplasm and
+        surroundings, not its neighbours' nuclei (packed marrow).
 
     Returns
     -------
@@ -174,6 +179,15 @@ def extract_window_crops(rgb: np.ndarray, centres_xy: np.ndarray, window_px: flo
     """
     img = as_rgb8(rgb)
     pts = np.asarray(centres_xy, dtype=np.float64).reshape(-1, 2)
+    lab = None
+    if labels is not None:
+        lab = np.asarray(labels)
+        if lab.shape != img.shape[:2]:
+            raise InvalidInputError(f"labels shape {lab.shape} does not match image shape "
+                                    f"{img.shape[:2]}")
+        own = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if own.shape != (len(pts),):
+            raise InvalidInputError("ids must give one nucleus id per window centre")
     if not (np.isfinite(window_px) and window_px > 0):
         raise InvalidInputError(f"window_px must be a positive number, got {window_px!r}")
     if size < 1:
@@ -185,6 +199,8 @@ def extract_window_crops(rgb: np.ndarray, centres_xy: np.ndarray, window_px: flo
     x, y = pts[:, 0], pts[:, 1]
     if f > 1:
         img, x, y = _block_mean(img, f), (x - (f - 1) / 2) / f, (y - (f - 1) / 2) / f
+        if lab is not None:  # the label at each block's centre
+            lab = lab[(f - 1) // 2::f, (f - 1) // 2::f][:img.shape[0], :img.shape[1]]
     step = window_px / f / size  # source px per crop px
     j = (np.arange(size, dtype=np.float64) + 0.5) * step - window_px / f / 2
     sx = x[:, None] + j[None, :]  # (n, size) sample positions, pixel-centre coordinates
@@ -195,9 +211,12 @@ def extract_window_crops(rgb: np.ndarray, centres_xy: np.ndarray, window_px: flo
     ix0, iy0 = fx.astype(np.int64), fy.astype(np.int64)
 
     def tap(iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
-        t = img[np.clip(iy, 0, h - 1)[:, :, None], np.clip(ix, 0, w - 1)[:, None, :]]
-        t = t.astype(np.float32)
+        cy, cx = np.clip(iy, 0, h - 1)[:, :, None], np.clip(ix, 0, w - 1)[:, None, :]
+        t = img[cy, cx].astype(np.float32)
         off = ~(((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :])
+        if lab is not None:
+            other = lab[np.minimum(cy, lab.shape[0] - 1), np.minimum(cx, lab.shape[1] - 1)]
+            off |= (other != 0) & (other != own[:, None, None])
         t[off] = 255.0
         return t
 
@@ -223,7 +242,8 @@ def crops_for(rgb: np.ndarray, labels: np.ndarray, table: pd.DataFrame, mode: st
     µm/px of ``rgb``, which turns ``window_um`` into pixels."""
     if mode == "window":
         pts = table[["x_px", "y_px"]].to_numpy(np.float64)
-        return extract_window_crops(rgb, pts, window_um / mpp, size)
+        return extract_window_crops(rgb, pts, window_um / mpp, size, labels=labels,
+                                    ids=table["cell_id"].to_numpy())
     if mode not in CROP_MODES:
         raise InvalidInputError(f"crop mode must be one of {', '.join(CROP_MODES)}, "
                                 f"got {mode!r}")

@@ -75,3 +75,37 @@ def test_validation_messages():
         extract_crops(img, lab[:10], tab)
     with pytest.raises(InvalidInputError, match="lacks columns"):
         extract_crops(img, lab, tab.drop(columns="bbox_x0"))
+
+
+def test_window_crops_cover_one_physical_size_at_any_resolution():
+    """The same drawn cell (a dark disc of 4 µm radius in a pale 8 µm disc) scanned at 0.5
+    and at 0.125 µm/px gives nearly the same 18 µm window crop."""
+    from slidecensus.nuclei.crops import extract_window_crops
+
+    def scan(mpp):
+        n = int(round(40 / mpp))
+        yy, xx = (np.mgrid[:n, :n] + 0.5) * mpp - 20.0
+        r = np.hypot(yy, xx)
+        img = np.full((n, n, 3), 240, np.uint8)
+        img[r < 8] = (200, 150, 200)
+        img[r < 4] = (60, 30, 90)
+        return extract_window_crops(img, np.array([[n / 2 - 0.5, n / 2 - 0.5]]), 18 / mpp)[0]
+
+    coarse, fine = scan(0.5).astype(int), scan(0.125).astype(int)
+    assert np.abs(coarse - fine).mean() < 6
+    assert coarse[16, 16, 0] < 100 and coarse[1, 1, 0] > 230  # nucleus centred, background
+
+
+def test_window_crops_are_white_beyond_the_image_and_on_other_nuclei():
+    from slidecensus.nuclei.crops import extract_window_crops
+
+    img = np.full((64, 64, 3), 100, np.uint8)
+    labels = np.zeros((64, 64), np.int32)
+    labels[30:34, 30:34] = 1  # the crop's own nucleus
+    labels[30:34, 40:44] = 2  # a neighbour
+    plain = extract_window_crops(img, np.array([[2.0, 31.5]]), 32)[0]
+    assert (plain[:, :10] == 255).all() and (plain[:, 20:] == 100).all()
+    own = extract_window_crops(img, np.array([[31.5, 31.5]]), 32, labels=labels,
+                               ids=np.array([1]))[0]
+    assert (own[14:18, 14:18] == 100).all()  # its own nucleus is kept
+    assert (own[15:17, 25:27] == 255).all()  # the neighbour's nucleus is white
