@@ -356,7 +356,7 @@ def _stream(client, todo, out, model, k, params, gpu, batch_tiles, in_flight, di
     pending: dict[Any, tuple[pd.Series, Any, float, int]] = {}
     queue = list(todo)
     plans: dict[str, Any] = {}
-    ac = as_completed()
+    ac = as_completed(loop=client.loop)  # this client's, not the default one
 
     def submit_next() -> Iterator[tuple[pd.Series, dict]]:
         while queue and len(pending) < in_flight:

@@ -35,7 +35,7 @@ _PAPER: dict[str, Any] = {
 }
 
 _FAST: dict[str, Any] = {
-    "preset": "fast", "arch": "compact", "width": 16, "z_dim": 32, "batch_size": 32,
+    "preset": "fast", "arch": "compact", "width": 16, "z_dim": 32, "batch_size": 64,
     "lr": 2e-4, "betas": (0.5, 0.9), "lr_q": 1e-3, "betas_q": (0.9, 0.999), "n_critic": 1,
     "lambda_gp": 10.0, "lambda_q": 1.0, "iterations": 600, "rotations": True,
     "augment": "affine", "lambda_iic": 1.0, "over_k": 40, "iic_batch": 128, "q_norm": True,
