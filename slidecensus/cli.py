@@ -425,3 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"slidecensus: error: {exc}", file=sys.stderr)
             return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
