@@ -133,3 +133,16 @@ def test_bad_segment_parameter_stops_a_run_before_work(item, message, tmp_path, 
                  "--set", item]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", ["slidecensus.cli", "slidecensus"])
+def test_the_module_forms_of_the_command_run(module):
+    """`python -m slidecensus.cli` (what scripts/demo runs) and `python -m slidecensus` both
+    reach the parser."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0
+    assert "usage: slidecensus" in done.stdout and "demo" in done.stdout
