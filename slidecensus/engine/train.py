@@ -108,15 +108,18 @@ def _train_task(model_out: str, config: Any, *samples: np.ndarray,
                 max_cells: int | None = None) -> str:
     import torch
 
+    from .tasks import torch_malloc
 
     if not torch.cuda.is_available():
         before = torch.get_num_threads()
         torch.set_num_threads(_training_threads())
         try:
-            return _train_task_on(model_out, config, *samples, max_cells=max_cells)
+            with torch_malloc():
+                return _train_task_on(model_out, config, *samples, max_cells=max_cells)
         finally:
             torch.set_num_threads(before)
-    return _train_task_on(model_out, config, *samples, max_cells=max_cells)
+    with torch_malloc():
+        return _train_task_on(model_out, config, *samples, max_cells=max_cells)
 
 
 def _train_task_on(model_out: str, config: Any, *samples: np.ndarray,
