@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import os
 import re
 from pathlib import Path
@@ -37,7 +38,8 @@ def read_cohort(spec: str | os.PathLike) -> pd.DataFrame:
 
     Parameters
     ----------
-    spec : a CSV file (``path`` column; optional ``slide_id``, ``label``; relative paths are
+    spec : a CSV file (``path`` column; optional ``slide_id``, ``label``, ``mpp`` (µm/px for
+        files that do not record it); relative paths are
         relative to the CSV's folder), a folder (its slide files, sorted), or a glob.
     """
     text = str(spec)
@@ -91,13 +93,30 @@ def _read_csv(path: Path) -> pd.DataFrame:
             sid = row.get("slide_id", "") if "slide_id" in cols else ""
             if "slide_id" in cols and not sid:
                 raise InvalidInputError(f"{path}: line {line}: missing slide_id")
-            rows.append({"slide_id": sid or sp.stem, "path": str(sp),
-                         "label": row.get("label", "")})
+            rec = {"slide_id": sid or sp.stem, "path": str(sp), "label": row.get("label", "")}
+            if "mpp" in cols:  # µm/px for images that do not record it (JPEG, PNG)
+                rec["mpp"] = _parse_mpp(row.get("mpp", ""), path, line)
+            rows.append(rec)
             lines.append(line)
     if not rows:
         raise InvalidInputError(f"{path}: the cohort has no rows")
     _check_unique([r["slide_id"] for r in rows], lines, path)
-    return pd.DataFrame(rows, columns=["slide_id", "path", "label"])
+    columns = ["slide_id", "path", "label"] + (["mpp"] if "mpp" in cols else [])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _parse_mpp(text: str, path: Path, line: int) -> float:
+    """An ``mpp`` cell: a positive number, or empty (NaN: the file's own µm/px)."""
+    if not text:
+        return float("nan")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"{path}: line {line}: mpp must be a positive number of "
+                                f"µm per pixel, got {text!r}")
+    return value
 
 
 def _check_unique(ids: list[str], lines: list[int | None], path: Path | None = None) -> None:

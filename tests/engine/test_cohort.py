@@ -74,3 +74,23 @@ def test_ids_that_collide_after_sanitising_are_refused(tmp_path):
     (tmp_path / "c.csv").write_text("path,slide_id\na.svs,a/b\nb.svs,a_b\n")
     with pytest.raises(InvalidInputError, match="same output name"):
         read_cohort(tmp_path / "c.csv")
+
+
+def test_an_mpp_column_gives_each_image_its_scale(tmp_path):
+    """A cohort's optional ``mpp`` column reaches the table (empty = the file's own), and a
+    value that is not a positive number is refused with its line."""
+    import math
+
+    from slidecensus.engine.cohort import read_cohort
+    from slidecensus.errors import InvalidInputError
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    good = tmp_path / "good.csv"
+    good.write_text("path,mpp\na.png,0.1\nb.png,\n")
+    table = read_cohort(good)
+    assert table["mpp"].iloc[0] == 0.1 and math.isnan(table["mpp"].iloc[1])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,mpp\na.png,0.1\nb.png,-2\n")
+    with pytest.raises(InvalidInputError, match="line 3: mpp must be a positive number"):
+        read_cohort(bad)
