@@ -124,9 +124,6 @@ def _resample(img, lab, ids, wx, wy, side, size, masked):
     j = np.arange(size, dtype=np.float64) + 0.5
     sx = wx[:, None] + j[None, :] * scale[:, None] - 0.5  # (m, size)
     sy = wy[:, None] + j[None, :] * scale[:, None] - 0.5
-    fx, fy = np.floor(sx), np.floor(sy)
-    ax, ay = (sx - fx)[:, None, :, None], (sy - fy)[:, :, None, None]
-    ix0, iy0 = fx.astype(np.int64), fy.astype(np.int64)
 
     def tap(iy, ix):
         t = img[np.clip(iy, 0, h - 1)[:, :, None], np.clip(ix, 0, w - 1)[:, None, :]]
@@ -134,9 +131,7 @@ def _resample(img, lab, ids, wx, wy, side, size, masked):
         t[off] = 255
         return t.astype(np.float32)
 
-    # the same sum in the same order as before, so resampled crops stay bit-identical
-    out = (tap(iy0, ix0) * (1 - ay) * (1 - ax) + tap(iy0, ix0 + 1) * (1 - ay) * ax
-           + tap(iy0 + 1, ix0) * ay * (1 - ax) + tap(iy0 + 1, ix0 + 1) * ay * ax)
+    out = _bilinear(sx, sy, tap)
     nx = np.floor(sx + 0.5).astype(np.int64)
     ny = np.floor(sy + 0.5).astype(np.int64)
     valid = ((sy > -0.5) & (sy < h - 0.5))[:, :, None] & ((sx > -0.5) & (sx < w - 0.5))[:, None, :]
@@ -206,9 +201,6 @@ def extract_window_crops(rgb: np.ndarray, centres_xy: np.ndarray, window_px: flo
     sx = x[:, None] + j[None, :]  # (n, size) sample positions, pixel-centre coordinates
     sy = y[:, None] + j[None, :]
     h, w = img.shape[:2]
-    fx, fy = np.floor(sx), np.floor(sy)
-    ax, ay = (sx - fx)[:, None, :, None], (sy - fy)[:, :, None, None]
-    ix0, iy0 = fx.astype(np.int64), fy.astype(np.int64)
 
     def tap(iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
         cy, cx = np.clip(iy, 0, h - 1)[:, :, None], np.clip(ix, 0, w - 1)[:, None, :]
@@ -220,9 +212,19 @@ def extract_window_crops(rgb: np.ndarray, centres_xy: np.ndarray, window_px: flo
         t[off] = 255.0
         return t
 
-    out = (tap(iy0, ix0) * (1 - ay) * (1 - ax) + tap(iy0, ix0 + 1) * (1 - ay) * ax
-           + tap(iy0 + 1, ix0) * ay * (1 - ax) + tap(iy0 + 1, ix0 + 1) * ay * ax)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(_bilinear(sx, sy, tap)), 0, 255).astype(np.uint8)
+
+
+def _bilinear(sx: np.ndarray, sy: np.ndarray, tap) -> np.ndarray:
+    """Bilinear interpolation at sample positions ``sx``, ``sy`` (m, size) from
+    ``tap(iy, ix)``, which returns the float32 pixels (m, size, size, 3) at integer rows
+    and columns (and decides what lies outside). One fixed order of the four-tap sum, so
+    resampled crops stay bit-identical."""
+    fx, fy = np.floor(sx), np.floor(sy)
+    ax, ay = (sx - fx)[:, None, :, None], (sy - fy)[:, :, None, None]
+    ix0, iy0 = fx.astype(np.int64), fy.astype(np.int64)
+    return (tap(iy0, ix0) * (1 - ay) * (1 - ax) + tap(iy0, ix0 + 1) * (1 - ay) * ax
+            + tap(iy0 + 1, ix0) * ay * (1 - ax) + tap(iy0 + 1, ix0 + 1) * ay * ax)
 
 
 def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
