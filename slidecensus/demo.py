@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 #: two looks (or a rare one) can take a cluster of its own; names then merge clusters.
 DEMO_K = 8
 
+#: µm per pixel of the demo's synthetic slides.
+DEMO_MPP = 0.5
+
 #: A census nucleus is matched to the drawn cell whose nucleus centroid is nearest, if
 #: within this distance (µm); a nucleus further from every drawn one stays unmatched.
 MATCH_UM = 3.0
@@ -77,7 +80,7 @@ def run_demo(out: str | Path, cluster: str = "local", seed: int = 0, n_slides: i
 
     with get_client(cluster) as client:
         cohort = synth_cohort(out / "slides", n_slides=n_slides, size=(size, size), seed=seed,
-                              mpp=0.5, client=client)
+                              mpp=DEMO_MPP, client=client)
         say(f"synthetic cohort: {cohort}")
         model = out / "model.pt"
         if not model.exists():
@@ -96,14 +99,12 @@ def _report(out: Path, table: pd.DataFrame, k: int, say) -> int:
 
     census = out / "census"
     per_slide, all_cl, all_ty = [], [], []
-    for sid, mpp in zip(table["slide_id"], table.get("mpp", [0.5] * len(table)),
-                        strict=False):
+    for sid in table["slide_id"]:
         truth = pd.read_parquet(out / "slides" / f"{sid}.cells.parquet")
         cells = pd.read_parquet(census / "cells" / f"{sid}.parquet")
-        mpp = 0.5 if not np.isfinite(mpp) else float(mpp)
         types = match_truth(cells[["x_px", "y_px"]].to_numpy(),
                             truth[["x_px", "y_px"]].to_numpy(), truth["type"].astype(str)
-                            .to_numpy(), MATCH_UM / mpp)
+                            .to_numpy(), MATCH_UM / DEMO_MPP)
         per_slide.append((sid, truth, cells, types))
         all_cl.append(cells["cluster"].to_numpy())
         all_ty.append(types)
