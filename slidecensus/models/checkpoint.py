@@ -45,7 +45,8 @@ class CheckpointError(InvalidInputError):
         return (type(self), (self.path, self.reason))
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(payload: dict[str, Any], path: str | Path, fmt: str = FORMAT,
+                    version: int = FORMAT_VERSION) -> Path:
     """Write ``payload`` (without the format keys) to ``path`` atomically.
 
     Parameters
@@ -62,7 +63,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    data = {"format": fmt, "format_version": version, **payload}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -74,8 +75,13 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` and check its format version.
+def load_checkpoint(path: str | Path, fmt: str = FORMAT, version: int = FORMAT_VERSION,
+                    sections: tuple[str, ...] = ("config", "weights", "summary"),
+                    what: str = "cell-model") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` and check its format and version.
+
+    ``fmt``, ``version``, ``sections`` and ``what`` (its name in messages) describe the kind
+    of model expected; the defaults are the cell model's.
 
     Raises
     ------
@@ -100,18 +106,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             reason = (f"not a readable weights-only checkpoint ({type(exc).__name__}: "
                       f"{first[:200]})")
         raise CheckpointError(path, reason) from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(path, f"not a slidecensus cell-model checkpoint "
-                                    f"(expected format {FORMAT!r})")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(path, f"not a slidecensus {what} checkpoint (expected format "
+                                    f"{fmt!r}, found {found!r})")
+    found_version = data.get("format_version")
+    if found_version != version:
         raise CheckpointError(
             path,
-            f"checkpoint format version {version} is incompatible with this slidecensus, "
-            f"which reads version {FORMAT_VERSION}; retrain the model with "
-            f"`slidecensus train` or use the slidecensus release that wrote it",
+            f"checkpoint format version {found_version} is incompatible with this slidecensus, "
+            f"which reads version {version}; retrain the model "
+            f"or use the slidecensus release that wrote it",
         )
-    for key in ("config", "weights", "summary"):
+    for key in sections:
         if key not in data:
             raise CheckpointError(path, f"checkpoint lacks the {key!r} section")
     return data

@@ -15,6 +15,7 @@ then applied to every tile, so neighbouring tiles are normalised and deconvolved
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -411,6 +412,9 @@ class StainModel:
         Reinhard target (default: Hu et al.).
     n_pixels : int
         Number of tissue pixels it was estimated from (0 = defaults, no tissue found).
+    norm : callable, optional
+        The slide's fitted stain normaliser (``--stain-norm``; see
+        :func:`~.normalize.read_normalized`); None = the default Reinhard, done here.
     """
 
     lab_mean: tuple[float, float, float]
@@ -421,6 +425,7 @@ class StainModel:
     target_mean: tuple[float, float, float] = TARGET_LAB_MEAN
     target_std: tuple[float, float, float] = TARGET_LAB_STD
     n_pixels: int = 0
+    norm: Any = None
 
     @property
     def matrix(self) -> np.ndarray:
