@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidInputError, SlideReadError
+from ..nuclei.normalize import StainNorm, fit_normalizer
 from ..nuclei.segment import DEFAULT_MPP, SegmentParams, stain_sample
 from ..nuclei.stain import StainModel, estimate_stain_model
 from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask_rgb
@@ -25,6 +27,7 @@ __all__ = [
     "TILE_SIZE_RANGE",
     "CensusParams",
     "SlidePlan",
+    "fit_slide_normalizer",
     "plan_slide",
 ]
 
@@ -54,6 +57,7 @@ class CensusParams:
     seed: int = 0
     segment: SegmentParams = field(default_factory=SegmentParams)
     outlines: bool = False  # keep each nucleus's outline polygon (cells' ``outline_px``)
+    stain_norm: StainNorm = field(default_factory=StainNorm)  # before segmentation and crops
 
     def __post_init__(self) -> None:
         lo, hi = TILE_SIZE_RANGE
@@ -134,7 +138,9 @@ def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
                       float(np.mean([slide.shape[0] / thumb.shape[0],
                                      slide.shape[1] / thumb.shape[1]])))
     # one stain model per slide, from the same sample segment_file uses
-    stain = estimate_stain_model(stain_sample(slide, with_mask=False)[0])
+    sample = stain_sample(slide, with_mask=False)[0]
+    norm, seg_sample = fit_slide_normalizer(params.stain_norm, slide, sample, mask)
+    stain = replace(estimate_stain_model(seg_sample), norm=norm)
     halo = params.segment.for_mpp(slide_mpp).halo_px
     tiles = plan_tiles(slide, tile_size=params.tile_size, halo=halo, level=0, mask=mask,
                        min_tissue=params.min_tissue)
@@ -144,3 +150,61 @@ def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
     return SlidePlan(path, slide_mpp, slide.mpp is not None, slide.shape, tuple(tiles), stain,
                      mask, tuple(notes))
 
+
+
+#: Level-0 patches of a slide that fit the neural normaliser (its global vector and the
+#: segmenter's stain model on normalised pixels), and their side in px.
+NEURAL_FIT_PATCHES = 16
+NEURAL_FIT_PATCH_PX = 256
+#: A slide with at most this many level-0 pixels is read whole for that fit.
+NEURAL_FIT_WHOLE_PX = 4096 * 4096
+
+
+def fit_slide_normalizer(spec: StainNorm, slide: Any, sample: np.ndarray,
+                         mask: TissueMask | None = None, seed: int = 0
+                         ) -> tuple[Any, np.ndarray]:
+    """Fit ``spec`` to one slide: (the normaliser, or None for the default Reinhard; the
+    pixels the segmenter's stain model is then estimated on).
+
+    ``reinhard``, ``macenko`` and ``none`` are fitted on ``sample`` (the slide's
+    thumbnail-sized stain sample). ``neural`` takes its slide statistics from level-0
+    patches in tissue (the network runs at full resolution): the whole image when it is
+    small, else :data:`NEURAL_FIT_PATCHES` patches placed on the tissue mask, seeded.
+    """
+    if spec.is_default:
+        return None, sample
+    if spec.method != "neural":
+        norm = fit_normalizer(spec.method, sample, spec.target)
+        return norm, (sample if spec.method == "none" else norm(sample))
+    from ..models.colorize import fit_neural
+
+    h, w = slide.shape
+    if h * w <= NEURAL_FIT_WHOLE_PX:
+        whole = slide.read_region(0, 0, 0, w, h)
+        norm = fit_neural(spec.model, whole, seed=seed)
+        return norm, norm(whole)
+    patches = _tissue_patches(slide, mask, NEURAL_FIT_PATCHES, NEURAL_FIT_PATCH_PX, seed)
+    norm = fit_neural(spec.model, np.concatenate([p.reshape(-1, 3) for p in patches])[None],
+                      patches)
+    return norm, np.concatenate([norm(p).reshape(-1, 3) for p in patches])[None]
+
+
+def _tissue_patches(slide: Any, mask: TissueMask | None, n: int, size: int, seed: int
+                    ) -> list[np.ndarray]:
+    """``n`` level-0 patches of ``size`` px centred on tissue pixels of the mask (any
+    pixels without one), seeded."""
+    h, w = slide.shape
+    rng = np.random.default_rng(seed)
+    if mask is not None and mask.mask.any():
+        ys, xs = np.nonzero(mask.mask)
+        pick = rng.choice(len(ys), min(n, len(ys)), replace=False)
+        d = mask.downsample
+        centres = [((ys[i] + 0.5) * d, (xs[i] + 0.5) * d) for i in pick]
+    else:
+        centres = list(zip(rng.uniform(0, h, n), rng.uniform(0, w, n), strict=True))
+    out = []
+    for cy, cx in centres:
+        y = int(np.clip(cy - size / 2, 0, max(0, h - size)))
+        x = int(np.clip(cx - size / 2, 0, max(0, w - size)))
+        out.append(slide.read_region(0, x, y, min(size, w), min(size, h)))
+    return out

@@ -74,14 +74,16 @@ def segment_tile_task(path: str, mpp: float | None, plan_mpp: float, tile: Tile,
 def _segment_tile_on(slide: Any, plan_mpp: float, tile: Tile, stain: StainModel,
                      params: CensusParams) -> tuple[pd.DataFrame, np.ndarray]:
     from ..nuclei.crops import crops_for
+    from ..nuclei.normalize import read_normalized
 
     if tile.level != 0:  # coordinates below are level-0 offsets
         raise InvalidInputError("the census segments level 0 (tiles of coarser levels are "
                                 "not supported yet)")
-    rgb = slide.read_region(tile.level, tile.rx, tile.ry, tile.rw, tile.rh)
+    rgb, crop_rgb = read_normalized(slide, tile.level, tile.rx, tile.ry, tile.rw, tile.rh,
+                                    stain)
     labels, table = segment_tile_with_labels(rgb, stain, params.segment, tile.core_in_read,
                                              plan_mpp)
-    crops = crops_for(rgb, labels, table, params.crops_mode(), plan_mpp,
+    crops = crops_for(crop_rgb, labels, table, params.crops_mode(), plan_mpp,
                       params.crop_window_um, params.crop_size)
     if params.outlines:
         from ..nuclei.outlines import nucleus_outlines, pack_outlines

@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from ..errors import InvalidInputError
+from .normalize import read_normalized
 from .stain import StainModel, as_rgb8, estimate_stain_model, stain_concentrations
 
 __all__ = [
@@ -693,6 +694,7 @@ def segment_file(
     crop_masked: bool = True,
     geojson: str | os.PathLike | None = None,
     progress: Callable[[int, int, int], None] | None = None,
+    normalizer: Callable[[Any, np.ndarray, Any], tuple[Any, np.ndarray]] | None = None,
 ) -> pd.DataFrame:
     """Segment every nucleus of an image or slide file and write the cell table as Parquet.
 
@@ -728,6 +730,12 @@ def segment_file(
     progress : callable, optional
         Called as ``progress(tiles_done, tiles_total, nuclei_so_far)`` once the tiles are
         planned and after each tile (a display's hook; nothing here prints).
+    normalizer : callable, optional
+        The stain normalisation (``--stain-norm``) to fit once to the slide, called as
+        ``normalizer(slide, sample, tissue_mask)`` and returning (the fitted normaliser, the
+        pixels to estimate the stain model on); see
+        :func:`slidecensus.engine.plan.fit_slide_normalizer`. Default: Reinhard, done by the
+        segmenter itself. Tiles are then read through :func:`~.normalize.read_normalized`.
 
     Returns
     -------
@@ -743,7 +751,8 @@ def segment_file(
         sinks += [crop_sink] if crop_sink is not None else []
         geo_sink = _GeoSink(Path(geojson)) if geojson is not None else None
         sinks += [geo_sink] if geo_sink is not None else []
-        table = _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress)
+        table = _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress,
+                               normalizer)
         for sink in sinks:  # every output complete under its temporary name ...
             sink.finish()
     except BaseException:
@@ -757,8 +766,8 @@ def segment_file(
     return table
 
 
-def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=None
-                   ) -> pd.DataFrame:
+def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=None,
+                   normalizer=None) -> pd.DataFrame:
     """The tile loop of :func:`segment_file`; feeds the optional crop and outline sinks."""
     from ..tiling import open_slide, plan_tiles
 
@@ -774,7 +783,9 @@ def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=N
         # the brightness mask of estimate_stain_model (what the parameters were tuned with);
         # the saturation-based tissue mask only drops tiles without tissue
         use = tmask.mask if tmask is not None and tmask.mask.sum() >= 100 else None
-        model = estimate_stain_model(sample)
+        norm, seg_sample = (None, sample) if normalizer is None else normalizer(
+            slide, sample, tmask)
+        model = replace(estimate_stain_model(seg_sample), norm=norm)
         log.debug("stain model from %d pixels: %s", model.n_pixels, model)
         if use is not None:
             tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0, mask=tmask)
@@ -783,14 +794,14 @@ def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=N
         if progress is not None:
             progress(0, len(tiles), 0)
         for i, t in enumerate(tiles):
-            rgb = slide.read_region(0, t.rx, t.ry, t.rw, t.rh)
+            rgb, crop_rgb = read_normalized(slide, 0, t.rx, t.ry, t.rw, t.rh, model)
             if not want_labels:
                 tab = segment_tile(rgb, model, params, core=t.core_in_read, mpp=slide_mpp)
             else:
                 labels, tab = segment_tile_with_labels(rgb, model, params,
                                                        core=t.core_in_read, mpp=slide_mpp)
                 if len(tab) and crop_sink is not None:
-                    crop_sink.add(rgb, labels, tab)
+                    crop_sink.add(crop_rgb, labels, tab)
                 if len(tab) and geo_sink is not None:
                     from .outlines import nucleus_outlines
 
