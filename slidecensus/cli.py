@@ -52,12 +52,21 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .engine.census import Progress
     from .nuclei.segment import segment_file, segment_params_from
 
+    spec = _stain_norm(args)
+    fit = None
+    if not spec.is_default:
+        import functools
+
+        from .engine.plan import fit_slide_normalizer
+
+        fit = functools.partial(fit_slide_normalizer, spec)
     with _progress(args) as show:
         table = segment_file(args.image, args.out, mpp=args.mpp,
                              params=segment_params_from(args.set), crops=args.crops,
                              crop_masked=args.crop_mode == "masked", geojson=args.geojson,
                              progress=lambda done, total, n: show(
-                                 Progress("segment", done, total, unit="tiles", cells=n)))
+                                 Progress("segment", done, total, unit="tiles", cells=n)),
+                             normalizer=fit)
     print(f"{len(table)} nuclei -> {args.out}")
     if args.crops is not None:
         print(f"{len(table)} crops ({args.crop_mode}) -> {args.crops}")
@@ -73,7 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .nuclei.segment import segment_params_from
 
     params = CensusParams(tile_size=args.tile_size, region_um=args.region_um,
-                          outlines=args.outlines, segment=segment_params_from(args.set))
+                          outlines=args.outlines, segment=segment_params_from(args.set),
+                          stain_norm=_stain_norm(args))
     model, train_first = args.model, False
     if model is None and not args.no_classify:
         # the contract: `run` without --model trains on the cohort first (resumable)
@@ -107,7 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "iterations": args.iterations}
     if args.epochs is not None and args.iterations is None:
         settings["iterations"] = None  # --epochs sets the length
-    params = CensusParams(segment=segment_params_from(args.set))
+    params = CensusParams(segment=segment_params_from(args.set), stain_norm=_stain_norm(args))
     with _progress(args) as show:
         path = train_from_cohort(args.cohort, args.out, preset=args.preset,
                                  settings={key: v for key, v in settings.items()
@@ -117,6 +127,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                  cells_per_slide=args.cells_per_slide, progress=show)
     print(f"model written: {path}")
     return 0
+
+
+def _cmd_normalize(args: argparse.Namespace) -> int:
+    from .reports.normalize import normalize_images
+
+    with _progress(args) as show:
+        from .engine.census import Progress
+
+        table = normalize_images(args.inputs, args.out, target=args.target, method=args.method,
+                                 model=args.model, save_model=args.save_model,
+                                 lightness=args.lightness, mpp=args.mpp,
+                                 iterations=args.iterations, seed=args.seed,
+                                 progress=lambda done, total: show(
+                                     Progress("normalize", done, total, unit="images")))
+    ok = table[table["status"] == "ok"]
+    for _, row in table[table["status"] != "ok"].iterrows():
+        print(f"failed: {row['input']}: {row['error']}")
+    if len(ok) and ok["correlation_after"].notna().any():
+        print(f"{len(ok)} of {len(table)} images normalised ({args.method}) -> {args.out}: "
+              f"histogram correlation to the target {ok['correlation_before'].mean():.3f} -> "
+              f"{ok['correlation_after'].mean():.3f}, Hellinger "
+              f"{ok['hellinger_before'].mean():.3f} -> {ok['hellinger_after'].mean():.3f}, "
+              f"grey SSIM to the input {ok['ssim'].mean():.3f}")
+    else:
+        print(f"{len(ok)} of {len(table)} images normalised ({args.method}) -> {args.out}")
+    return 0 if len(ok) == len(table) else 1
+
+
+def _stain_norm(args: argparse.Namespace):
+    """The ``--stain-norm`` / ``--stain-target`` pair as a StainNorm."""
+    from .nuclei.normalize import parse_stain_norm, stain_target
+
+    target = None
+    if args.stain_target is not None:
+        from .reports.normalize import load_target
+
+        images, name = load_target(args.stain_target)
+        target = stain_target(images, name=name)
+    return parse_stain_norm(args.stain_norm, target)
+
+
+def _add_stain_norm(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--stain-norm", default="reinhard", metavar="METHOD",
+                   help="normalise each tile before segmentation and crops: reinhard "
+                        "(default), macenko, neural:MODEL.pt (see `normalize`), none")
+    s.add_argument("--stain-target", type=Path, default=None, metavar="IMAGE",
+                   help="reference image or folder for reinhard/macenko (default: Hu et "
+                        "al.'s target statistics, Macenko's reference stains)")
 
 
 def _add_preset(s: argparse.ArgumentParser) -> None:
@@ -293,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--geojson", type=Path, default=None,
                    help="also write nucleus outlines as QuPath detections (.geojson)")
     _add_segment_set(s)
+    _add_stain_norm(s)
     s.set_defaults(func=_cmd_segment)
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")
@@ -311,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiles-per-slide", type=int, default=8)
     s.add_argument("--cells-per-slide", type=int, default=2000)
     _add_segment_set(s)
+    _add_stain_norm(s)
     s.add_argument("--cluster", default="local")
     s.set_defaults(func=_cmd_train)
 
@@ -327,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every nucleus's outline (cells' outline_px; `export` then "
                         "writes polygons for QuPath)")
     _add_segment_set(s)
+    _add_stain_norm(s)
     s.add_argument("--slides-in-flight", type=int, default=2)
     s.add_argument("--max-bad-tiles", type=int, default=0,
                    help="unreadable tiles a slide may have and still be counted (as 'partial', "
@@ -336,6 +397,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-classify", action="store_true",
                    help="count and map cells without a model (no training)")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("normalize", help="normalise images or slides to a reference stain "
+                                         "style, with histogram metrics and a contact sheet")
+    s.add_argument("inputs", nargs="+", help="images, slides, folders, globs or cohort CSVs")
+    s.add_argument("--target", type=Path, default=None,
+                   help="reference image, slide or folder (the style to match)")
+    s.add_argument("--method", choices=["reinhard", "macenko", "neural", "none"],
+                   default="reinhard")
+    s.add_argument("--out", type=Path, required=True,
+                   help="folder: normalised images, metrics.csv, normalize.png")
+    s.add_argument("--model", type=Path, default=None,
+                   help="neural: a trained normaliser to reuse (its target is inside it)")
+    s.add_argument("--save-model", type=Path, default=None,
+                   help="neural: where to save the normaliser trained on --target")
+    s.add_argument("--lightness", choices=["keep", "match"], default="keep",
+                   help="neural: keep the input's lightness (default; structure cannot "
+                        "change) or match its tissue mean and spread to the target's")
+    s.add_argument("--iterations", type=int, default=None,
+                   help="neural: training iterations (default 1500)")
+    s.add_argument("--mpp", type=float, default=None, help="µm/px for files without it")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_normalize)
 
     s = sub.add_parser("classify", help="classify slides from their cell proportions (CV)")
     s.add_argument("dir", help="census output folder (slides.csv, census.zarr)")

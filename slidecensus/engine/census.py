@@ -258,6 +258,11 @@ def run_cohort(
         params = params.with_model_crops({"mode": model_config.get("crop_mode", "nucleus"),
                                           "window_um": model_config.get("crop_window_um",
                                                                         18.0)})
+        trained = model_config.get("stain_norm", "reinhard")
+        if trained != params.stain_norm.describe():
+            log.warning("the model was trained on crops normalised with %s; this run "
+                        "normalises with %s (give --stain-norm %s to match)", trained,
+                        params.stain_norm.describe(), trained)
     out = out if isinstance(out, OutputDir) else OutputDir(out)
     out.makedirs()
     with RunLock(out):

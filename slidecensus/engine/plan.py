@@ -29,6 +29,7 @@ __all__ = [
     "SlidePlan",
     "fit_slide_normalizer",
     "plan_slide",
+    "tissue_patches",
 ]
 
 #: Accepted ``tile_size`` (level-0 px of a tile's core). The upper bound keeps one tile's
@@ -183,13 +184,13 @@ def fit_slide_normalizer(spec: StainNorm, slide: Any, sample: np.ndarray,
         whole = slide.read_region(0, 0, 0, w, h)
         norm = fit_neural(spec.model, whole, seed=seed)
         return norm, norm(whole)
-    patches = _tissue_patches(slide, mask, NEURAL_FIT_PATCHES, NEURAL_FIT_PATCH_PX, seed)
+    patches = tissue_patches(slide, mask, NEURAL_FIT_PATCHES, NEURAL_FIT_PATCH_PX, seed)
     norm = fit_neural(spec.model, np.concatenate([p.reshape(-1, 3) for p in patches])[None],
                       patches)
     return norm, np.concatenate([norm(p).reshape(-1, 3) for p in patches])[None]
 
 
-def _tissue_patches(slide: Any, mask: TissueMask | None, n: int, size: int, seed: int
+def tissue_patches(slide: Any, mask: TissueMask | None, n: int, size: int, seed: int
                     ) -> list[np.ndarray]:
     """``n`` level-0 patches of ``size`` px centred on tissue pixels of the mask (any
     pixels without one), seeded."""

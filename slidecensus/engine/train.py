@@ -233,6 +233,7 @@ def train_from_cohort(
     else:
         log.info("training with the configuration given (preset %s)", config.preset)
     params = params.with_model_crops(config.crop_spec())
+    config = replace(config, stain_norm=params.stain_norm.describe())
     table, tiles_per_slide, cells_per_slide = _cap_sample(table, tiles_per_slide,
                                                           cells_per_slide, max_tiles,
                                                           max_cells, seed, params.tile_size)

@@ -214,6 +214,7 @@ class TrainConfig:
     crop_window_um: float = 18.0
     refine: str = "none"
     refine_steps: int = 300
+    stain_norm: str = "reinhard"  # how the training crops' tiles were normalised (recorded)
 
     def __post_init__(self) -> None:
         problems = []
