@@ -75,14 +75,20 @@ def cmd_blood(args: argparse.Namespace) -> dict:
     cohort.to_csv(work / "cohort.csv", index=False)
     model, run, plain = work / "model.pt", work / "run", work / "run-plain"
     res: dict = {"k": args.k, "preset": args.preset, "mpp": BLOOD_MPP}
+    import shutil
+
     for p in (model,):
         p.unlink(missing_ok=True)
+    for d in (run, plain):  # a finished run would resume: start both afresh
+        shutil.rmtree(d, ignore_errors=True)
+    norm = ("--stain-norm", args.stain_norm)
+    res["stain_norm"] = args.stain_norm
     res["train_s"] = _cli("train", str(work / "cohort.csv"), "--out", str(model), "--k",
-                          str(args.k), "--preset", args.preset)
+                          str(args.k), "--preset", args.preset, *norm)
     res["run_s"] = _cli("run", str(work / "cohort.csv"), "--out", str(run), "--model",
-                        str(model))
+                        str(model), *norm)
     res["run_no_classify_s"] = _cli("run", str(work / "cohort.csv"), "--out", str(plain),
-                                    "--no-classify")
+                                    "--no-classify", *norm)
     res["classified_over_unclassified"] = res["run_s"] / res["run_no_classify_s"]
     cfg = load_model(model).config
     res["model"] = {"preset": cfg.preset, "iterations": cfg.iterations, "width": cfg.width,
@@ -212,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("blood")
     s.add_argument("--k", type=int, default=8)
     s.add_argument("--preset", default="auto")
+    s.add_argument("--stain-norm", default="reinhard",
+                   help="passed to train and run (crops are cut from the normalised tiles)")
     s = sub.add_parser("speed")
     s.add_argument("--n", type=int, default=8192)
     s = sub.add_parser("ablation")

@@ -396,7 +396,7 @@ def colorize(rgb: np.ndarray, model_path: str | Path, l_mean: float, l_std: floa
         t_mean, t_std = payload["l_mean"], payload["l_std"]
         lum = (lab[..., 0] - np.float32(l_mean)) * np.float32(t_std / l_std) + np.float32(t_mean)
         lab[..., 0] = np.clip(lum, 0.0, 100.0)
-    return cielab_to_rgb(lab)
+    return cielab_to_rgb(lab, keep_lightness=True)
 
 
 def fit_neural(model_path: str | Path, sample: np.ndarray,

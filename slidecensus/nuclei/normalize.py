@@ -94,13 +94,41 @@ def rgb_to_cielab(rgb: np.ndarray) -> np.ndarray:
     return lab.reshape(np.shape(rgb))
 
 
-def cielab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb_to_cielab`: float32 sRGB on the 0-255 scale, clipped to gamut."""
-    x = _pixels(np.asarray(lab, dtype=np.float32))
+def _lab_to_linear(x: np.ndarray) -> np.ndarray:
+    """Linear sRGB (n, 3) of CIE Lab pixels (n, 3), not clipped."""
     fy = (x[:, 0] + 16.0) / 116.0
     f = np.stack([fy + x[:, 1] / 500.0, fy, fy - x[:, 2] / 200.0], axis=1)
     xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)).astype(np.float32)
-    lin = xyz @ (_RGB_FROM_XYZ * _D65[None, :]).T.astype(np.float32)
+    return xyz @ (_RGB_FROM_XYZ * _D65[None, :]).T.astype(np.float32)
+
+
+def cielab_to_rgb(lab: np.ndarray, keep_lightness: bool = False) -> np.ndarray:
+    """Inverse of :func:`rgb_to_cielab`: float32 sRGB on the 0-255 scale, in gamut.
+
+    Out-of-gamut colours are clipped per channel, which changes their lightness; with
+    ``keep_lightness`` their chroma is shrunk towards grey instead (by factors of 0.8) until
+    they fit, so L is kept (grey of any L in [0, 100] is in gamut).
+    """
+    x = _pixels(np.asarray(lab, dtype=np.float32)).copy()
+    lin = _lab_to_linear(x)
+    if keep_lightness:
+        np.clip(x[:, 0], 0.0, 100.0, out=x[:, 0])
+        out = np.flatnonzero(((lin < -1e-4) | (lin > 1 + 1e-4)).any(axis=1))
+        scale = np.float32(1.0)
+        for _ in range(24):
+            if not len(out):
+                break
+            scale *= np.float32(0.8)
+            trial = x[out].copy()
+            trial[:, 1:] *= scale
+            tl = _lab_to_linear(trial)
+            fits = ~((tl < -1e-4) | (tl > 1 + 1e-4)).any(axis=1)
+            lin[out[fits]] = tl[fits]
+            out = out[~fits]
+        if len(out):  # still out after 24 steps: grey
+            trial = x[out].copy()
+            trial[:, 1:] = 0.0
+            lin[out] = _lab_to_linear(trial)
     np.clip(lin, 0.0, 1.0, out=lin)
     c = np.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
     return (np.clip(c, 0.0, 1.0) * 255.0).astype(np.float32).reshape(np.shape(lab))
