@@ -99,7 +99,7 @@ def _speed(image: Path, target: Path, model: Path) -> dict:
     import torch
     from imageio import v3 as iio
 
-    from slidecensus.models.colorize import fit_neural
+    from slidecensus.nuclei.colorize import fit_neural
     from slidecensus.nuclei.normalize import fit_normalizer, stain_target
 
     torch.set_num_threads(1)
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--no-segmentation", action="store_true")
     args = ap.parse_args()
-    from slidecensus.models.colorize import load_colorizer
+    from slidecensus.nuclei.colorize import load_colorizer
     from slidecensus.nuclei.normalize import parse_stain_norm, stain_target
 
     images = sorted((MONUSEG / "images").glob("*.png"))

@@ -92,7 +92,8 @@ def test_a_slide_comes_out_as_a_pyramid_of_the_same_size_and_mpp(cmu_svs, monuse
         assert dst.shape == src.shape and len(dst.levels) > 1
         assert dst.mpp == pytest.approx(src.mpp, rel=1e-3)
     row = pd.read_csv(out / "metrics.csv").iloc[0]
-    assert row["status"] == "ok" and row["hellinger_after"] < row["hellinger_before"]
+    # a slide's histograms are its tissue's: Reinhard moves them towards the target's
+    assert row["status"] == "ok" and row["correlation_after"] > row["correlation_before"]
 
 
 def test_segment_with_stain_norm_none_matches_the_default_cells(marrow_pngs, tmp_path):

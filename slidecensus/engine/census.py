@@ -21,7 +21,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InvalidInputError, SlidecensusError
+from ..nuclei.normalize import StainNorm, StainTarget
 from .cohort import read_cohort, safe_name
 from .modelfiles import ModelRef, is_url, local_model, model_exists, pin_model
 from .outputs import OutputDir, RunLock
-from .plan import CensusParams, SlidePlan, plan_slide
+from .plan import COHORT_TARGET, CensusParams, SlidePlan, plan_slide
 from .tasks import TileFailure, classify_task, finish_slide, segment_tile_guarded
 
 __all__ = [
@@ -258,6 +259,11 @@ def run_cohort(
         params = params.with_model_crops({"mode": model_config.get("crop_mode", "nucleus"),
                                           "window_um": model_config.get("crop_window_um",
                                                                         18.0)})
+        lab = model_config.get("crop_lab_target")
+        if lab and params.stain_norm.is_default:  # the crops in the style the model learned
+            params = replace(params, stain_norm=StainNorm(
+                "reinhard", target=StainTarget(lab_mean=tuple(lab[0]), lab_std=tuple(lab[1]),
+                                               name=COHORT_TARGET)))
         trained = model_config.get("stain_norm", "reinhard")
         if trained != params.stain_norm.describe():
             log.warning("the model was trained on crops normalised with %s; this run "

@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InvalidInputError
+from ..nuclei.normalize import StainNorm
 from .census import Progress, ProgressCallback, _has_gpu_worker, _one_line, _row_mpp
 from .cohort import read_cohort
 from .modelfiles import is_url
-from .plan import CensusParams, plan_slide
+from .plan import CensusParams, cohort_stain_target, plan_slide, slide_lab_stats
 from .tasks import segment_tile_task
 
 __all__ = [
@@ -233,10 +234,12 @@ def train_from_cohort(
     else:
         log.info("training with the configuration given (preset %s)", config.preset)
     params = params.with_model_crops(config.crop_spec())
-    config = replace(config, stain_norm=params.stain_norm.describe())
     table, tiles_per_slide, cells_per_slide = _cap_sample(table, tiles_per_slide,
                                                           cells_per_slide, max_tiles,
                                                           max_cells, seed, params.tile_size)
+    if params.stain_norm.is_default:
+        params, config = _cohort_style(client, table, params, config)
+    config = replace(config, stain_norm=params.stain_norm.describe())
     budget = max_tiles * (params.tile_size + 256) ** 2 / max(len(table), 1)  # px per slide
     samples = []
     for _, row in table.iterrows():
@@ -277,3 +280,21 @@ def train_from_cohort(
         return result if is_url(result) else Path(result)
     finally:
         client.unsubscribe_topic(TRAIN_TOPIC)
+
+
+def _cohort_style(client: Any, table: pd.DataFrame, params: CensusParams, config: Any
+                  ) -> tuple[CensusParams, Any]:
+    """The default crop normalisation: Reinhard to the style of the training slides (their
+    pooled lαβ statistics), recorded in the model so the census cuts its crops the same
+    way. Slides that fail to open are left out (they are skipped for training too)."""
+    futs = [client.submit(slide_lab_stats, row["path"], _row_mpp(row), pure=False)
+            for _, row in table.iterrows()]
+    stats = [f.result() for f in futs if f.exception(timeout=None) is None]
+    if not stats:
+        return params, config
+    target = cohort_stain_target(stats)
+    log.info("crops normalised to the cohort's style (Reinhard; lαβ mean %s, std %s, from "
+             "%d slides)", ", ".join(f"{v:.3f}" for v in target.lab_mean),
+             ", ".join(f"{v:.3f}" for v in target.lab_std), len(stats))
+    return (replace(params, stain_norm=StainNorm("reinhard", target=target)),
+            replace(config, crop_lab_target=(target.lab_mean, target.lab_std)))

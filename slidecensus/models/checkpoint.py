@@ -16,15 +16,10 @@ Layout (``FORMAT_VERSION`` 1)::
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..errors import InvalidInputError, SlidecensusError
+from ..weightsfile import CheckpointError, load_weights_file, save_weights_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -33,55 +28,14 @@ FORMAT = "slidecensus.infogan"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(InvalidInputError):
-    """A checkpoint file is missing, unreadable, or from an incompatible version."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        SlidecensusError.__init__(self, f"{self.path}: {reason}")
-
-    def __reduce__(self):  # keep both arguments through pickling
-        return (type(self), (self.path, self.reason))
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write a cell-model ``payload`` (without the format keys) to ``path`` atomically;
+    returns the path (see :func:`~slidecensus.weightsfile.save_weights_file`)."""
+    return save_weights_file(payload, path, FORMAT, FORMAT_VERSION)
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path, fmt: str = FORMAT,
-                    version: int = FORMAT_VERSION) -> Path:
-    """Write ``payload`` (without the format keys) to ``path`` atomically.
-
-    Parameters
-    ----------
-    payload : dict
-        ``config``, ``weights``, ``summary`` and ``train_state`` as described above.
-    path : str or Path
-        Destination; its folder is created if needed.
-
-    Returns
-    -------
-    Path
-        The written path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": fmt, "format_version": version, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | Path, fmt: str = FORMAT, version: int = FORMAT_VERSION,
-                    sections: tuple[str, ...] = ("config", "weights", "summary"),
-                    what: str = "cell-model") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` and check its format and version.
-
-    ``fmt``, ``version``, ``sections`` and ``what`` (its name in messages) describe the kind
-    of model expected; the defaults are the cell model's.
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a cell-model checkpoint with ``weights_only=True`` and check its format version.
 
     Raises
     ------
@@ -89,36 +43,5 @@ def load_checkpoint(path: str | Path, fmt: str = FORMAT, version: int = FORMAT_V
         If the file is missing, is not a slidecensus cell-model checkpoint, or was written
         by an incompatible format version (the message names both versions).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such checkpoint file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for damaged or foreign files
-        # torch's message spans many lines and suggests allow-listing the object: one line
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-        if found is not None:
-            reason = (f"refused: the checkpoint holds a pickled object ({found.group(1)}), not "
-                      f"only weights; models are loaded with weights_only=True and no pickled "
-                      f"code is run")
-        else:
-            reason = (f"not a readable weights-only checkpoint ({type(exc).__name__}: "
-                      f"{first[:200]})")
-        raise CheckpointError(path, reason) from exc
-    if not isinstance(data, dict) or data.get("format") != fmt:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise CheckpointError(path, f"not a slidecensus {what} checkpoint (expected format "
-                                    f"{fmt!r}, found {found!r})")
-    found_version = data.get("format_version")
-    if found_version != version:
-        raise CheckpointError(
-            path,
-            f"checkpoint format version {found_version} is incompatible with this slidecensus, "
-            f"which reads version {version}; retrain the model "
-            f"or use the slidecensus release that wrote it",
-        )
-    for key in sections:
-        if key not in data:
-            raise CheckpointError(path, f"checkpoint lacks the {key!r} section")
-    return data
+    return load_weights_file(path, FORMAT, FORMAT_VERSION, ("config", "weights", "summary"),
+                             "cell-model")

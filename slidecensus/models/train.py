@@ -215,6 +215,9 @@ class TrainConfig:
     refine: str = "none"
     refine_steps: int = 300
     stain_norm: str = "reinhard"  # how the training crops' tiles were normalised (recorded)
+    #: lαβ (mean, std) the crops were Reinhard-normalised to (the cohort's own style, from
+    #: the training slides); the census normalises its crops the same way. None: raw crops.
+    crop_lab_target: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -275,6 +278,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["betas_q"] = list(self.betas_q) if self.betas_q is not None else None
+        if self.crop_lab_target is not None:
+            d["crop_lab_target"] = [list(v) for v in self.crop_lab_target]
         d["normalisation"] = NORMALISATION
         return d
 
@@ -286,6 +291,9 @@ class TrainConfig:
         for key in ("betas", "betas_q"):
             if kw.get(key) is not None:
                 kw[key] = tuple(kw[key])
+        if kw.get("crop_lab_target") is not None:
+            kw["crop_lab_target"] = tuple(tuple(float(x) for x in v)
+                                          for v in kw["crop_lab_target"])
         return cls(**kw)
 
     def crop_spec(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Stain normalisation to a reference style, and the metrics that say how close it came.
 
 Three methods live here as pure functions on RGB arrays; the fourth, Yuan & Suh's neural
-(colourisation) normaliser, needs torch and lives in :mod:`slidecensus.models.colorize`:
+(colourisation) normaliser, needs torch and lives in :mod:`slidecensus.nuclei.colorize`:
 
 - ``reinhard``: match the lαβ mean and standard deviation of the tissue to the target's
   (Reinhard et al. 2001; :func:`~.stain.reinhard`).
@@ -277,7 +277,7 @@ def fit_normalizer(method: str, sample: np.ndarray, target: StainTarget | None =
     ----------
     method : str
         One of ``reinhard``, ``macenko``, ``none`` (``neural`` is
-        :func:`slidecensus.models.colorize.fit_neural`).
+        :func:`slidecensus.nuclei.colorize.fit_neural`).
     sample : ndarray, shape (h, w, 3) or (n, 3)
         The slide's pixels, 0-255; the tissue among them is used.
     target : StainTarget, optional
@@ -387,7 +387,8 @@ class StainNorm:
 
     @property
     def is_default(self) -> bool:
-        """Reinhard to the segmenter's own target: the segmenter normalises by itself."""
+        """Reinhard without a target: the segmenter calibrates itself, the crops keep each
+        slide's style unless a model brings its cohort's (see ``engine.train``)."""
         return self.method == "reinhard" and self.target is None
 
     def describe(self) -> str:
@@ -430,20 +431,22 @@ def read_normalized(slide, level: int, rx: int, ry: int, rw: int, rh: int, stain
     """Read a window and normalise it under the slide's stain norm (``stain.norm``): the
     segmenter's input and the crops' source, both 8-bit RGB.
 
-    - ``stain.norm`` None (default Reinhard): the segmenter reads the raw pixels (it
-      Reinhard-normalises by itself) and the crops are cut from the Reinhard-normalised
-      window.
+    - ``stain.norm`` None (the default Reinhard without a target: each slide in its own
+      style) and ``none``: the raw window for both.
+    - ``reinhard`` to a target: the segmenter reads the raw window (it calibrates itself
+      with its own Reinhard step, so a Reinhard target never changes the nuclei) and the
+      crops are cut from the normalised window.
     - A normaliser with a halo (the neural one) is run on the window grown by its halo,
       clipped to the slide and started on a multiple of its stride, then trimmed, so tiled
       equals whole.
     """
     norm = getattr(stain, "norm", None)
-    if norm is None:
-        rgb = slide.read_region(level, rx, ry, rw, rh)
-        return rgb, _rgb8(stain.normalize(rgb))
-    if norm.method == "none":
+    if norm is None or norm.method == "none":
         rgb = slide.read_region(level, rx, ry, rw, rh)
         return rgb, rgb
+    if norm.method == "reinhard":
+        rgb = slide.read_region(level, rx, ry, rw, rh)
+        return rgb, _rgb8(norm(rgb))
     m = int(getattr(norm, "halo_px", 0))
     if m == 0:
         out = _rgb8(norm(slide.read_region(level, rx, ry, rw, rh)))

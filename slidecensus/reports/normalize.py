@@ -3,7 +3,9 @@
 For each input it writes the normalised image (PNG for plain images, pyramidal TIFF for
 slides, same size, µm/px and file name), one row of ``metrics.csv`` (Yuan & Suh's histogram
 metrics to the target before and after, and the grey-level SSIM to the input), and at the
-end a contact sheet ``normalize.png``. An input that cannot be read or normalised fails
+end a contact sheet ``normalize.png``. An image's metrics are computed on all its pixels
+(Yuan & Suh's patches); a slide's on a thumbnail, its histograms on the thumbnail's tissue
+(a slide is mostly glass). An input that cannot be read or normalised fails
 alone: its row carries the reason and the others are written.
 """
 
@@ -107,7 +109,7 @@ def _fit(method: str, slide: Any, target: Any, model: str | None, lightness: str
     """The input's fitted normaliser."""
     h, w = slide.shape
     if method == "neural":
-        from ..models.colorize import fit_neural
+        from ..nuclei.colorize import fit_neural
 
         if h * w <= WHOLE_PX:
             return fit_neural(model, slide.read_region(0, 0, 0, w, h), lightness=lightness)
@@ -140,6 +142,7 @@ def _one(path: Path, out: Path, method: str, target: Any, model: str | None,
     t0 = time.perf_counter()
     row: dict[str, Any] = {"input": str(path), "method": method}
     with open_slide(path, mpp=mpp) as slide:
+        hist_src = hist_res = None
         h, w = slide.shape
         row.update(width=w, height=h, mpp=slide.mpp)
         norm = _fit(method, slide, target, model, lightness)
@@ -169,10 +172,15 @@ def _one(path: Path, out: Path, method: str, target: Any, model: str | None,
 
                 res = (resize(res, src.shape[:2], preserve_range=True, anti_aliasing=True)
                        .round().astype(np.uint8))
+            tissue = tissue_mask_rgb(src)
+            if tissue.sum() >= 100:  # a slide's histograms: its tissue, not its glass
+                hist_src, hist_res = src[tissue], res[tissue]
+    if hist_src is None:
+        hist_src, hist_res = src, res
     nan = {"euclidean": np.nan, "correlation": np.nan, "hellinger": np.nan}
-    before = nan if target_hist is None else histogram_metrics(colour_histograms(src),
+    before = nan if target_hist is None else histogram_metrics(colour_histograms(hist_src),
                                                                target_hist)
-    after = nan if target_hist is None else histogram_metrics(colour_histograms(res),
+    after = nan if target_hist is None else histogram_metrics(colour_histograms(hist_res),
                                                               target_hist)
     row.update(output=str(dst), status="ok", error="", ssim=grey_ssim(res, src),
                seconds=time.perf_counter() - t0,
@@ -199,7 +207,7 @@ def normalize_images(inputs: Sequence[str | os.PathLike], out: str | os.PathLike
     method : ``reinhard``, ``macenko``, ``neural`` or ``none``
     model : a trained neural normaliser to reuse (``neural``)
     save_model : where to save the neural normaliser trained on ``target``
-    lightness : ``keep`` or ``match`` (neural; :data:`slidecensus.models.colorize.LIGHTNESS`)
+    lightness : ``keep`` or ``match`` (neural; :data:`slidecensus.nuclei.colorize.LIGHTNESS`)
     mpp : µm/px of inputs that do not record it (written into the outputs)
     iterations : training iterations of the neural normaliser (default its config's)
     """
@@ -217,7 +225,7 @@ def normalize_images(inputs: Sequence[str | os.PathLike], out: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     tgt = stain_target(images, name=name) if images else None  # a grey target stops here
     if method == "neural":
-        from ..models.colorize import (
+        from ..nuclei.colorize import (
             ColorizerConfig,
             load_colorizer,
             save_colorizer,

@@ -131,12 +131,21 @@ class _ArraySlide:
         return self.a[y:y + h, x:x + w].copy()
 
 
-def test_read_normalized_default_segments_raw_and_crops_normalised(monuseg):
+def test_read_normalized_reinhard_segments_raw_and_crops_normalised(monuseg):
+    """The default (no target) leaves both raw; Reinhard to a target normalises the crops
+    only (the segmenter calibrates itself)."""
+    from dataclasses import replace
+
     img = monuseg[1]
     model = estimate_stain_model(img)
     seg, crop = read_normalized(_ArraySlide(img), 0, 10, 20, 100, 80, model)
     np.testing.assert_array_equal(seg, img[20:100, 10:110])
-    np.testing.assert_array_equal(crop, np.round(model.normalize(seg)).astype(np.uint8))
+    np.testing.assert_array_equal(crop, seg)
+    norm = fit_normalizer("reinhard", img, stain_target(monuseg[0]))
+    seg, crop = read_normalized(_ArraySlide(img), 0, 10, 20, 100, 80,
+                                replace(model, norm=norm))
+    np.testing.assert_array_equal(seg, img[20:100, 10:110])
+    np.testing.assert_array_equal(crop, np.round(norm(seg)).astype(np.uint8))
 
 
 def test_read_normalized_with_a_pixel_normaliser_equals_the_whole_image(monuseg):

@@ -10,8 +10,7 @@ import pytest
 import torch
 from skimage import io
 
-from slidecensus.models.checkpoint import CheckpointError
-from slidecensus.models.colorize import (
+from slidecensus.nuclei.colorize import (
     STRIDE,
     Colorizer,
     ColorizerConfig,
@@ -30,6 +29,7 @@ from slidecensus.nuclei.normalize import (
     rgb_to_cielab,
 )
 from slidecensus.nuclei.stain import estimate_stain_model
+from slidecensus.weightsfile import CheckpointError
 
 
 @pytest.fixture(scope="module")

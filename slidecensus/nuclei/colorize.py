@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
-from ..nuclei.normalize import StainTarget, cielab_to_rgb, rgb_to_cielab, stain_target
-from ..nuclei.stain import tissue_pixels
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..weightsfile import CheckpointError, load_weights_file, save_weights_file
+from .normalize import StainTarget, cielab_to_rgb, rgb_to_cielab, stain_target
+from .stain import tissue_pixels
 
 __all__ = [
     "COLORIZER_FORMAT",
@@ -276,7 +276,7 @@ def train_colorizer(images: Sequence[np.ndarray], config: ColorizerConfig | None
 
 def save_colorizer(payload: dict[str, Any], path: str | Path) -> Path:
     """Write a trained colouriser (weights, settings, target statistics) atomically."""
-    return save_checkpoint(payload, path, fmt=COLORIZER_FORMAT, version=COLORIZER_VERSION)
+    return save_weights_file(payload, path, COLORIZER_FORMAT, COLORIZER_VERSION)
 
 
 @dataclass
@@ -291,10 +291,10 @@ _CACHE: dict[tuple[str, float, int], _Loaded] = {}
 
 def load_colorizer(path: str | Path) -> dict[str, Any]:
     """Read a colouriser file (``weights_only=True``); a cell model or other file is refused
-    with a one-line :class:`~.checkpoint.CheckpointError`."""
-    return load_checkpoint(path, fmt=COLORIZER_FORMAT, version=COLORIZER_VERSION,
-                           sections=("config", "weights", "target", "l_mean", "l_std"),
-                           what="neural-normaliser")
+    with a one-line :class:`~slidecensus.weightsfile.CheckpointError`."""
+    return load_weights_file(path, COLORIZER_FORMAT, COLORIZER_VERSION,
+                             ("config", "weights", "target", "l_mean", "l_std"),
+                             "neural-normaliser")
 
 
 def _network(path: str | Path) -> _Loaded:
