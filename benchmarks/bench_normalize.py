@@ -5,9 +5,10 @@ Measured, never asserted::
     python -m benchmarks.bench_normalize [--target TCGA-18-5592-01Z-00-DX1] [--iterations 1500]
 
 1. Every other image normalised to the target through ``slidecensus normalize`` with each
-   method (reinhard, macenko, neural with the input's lightness kept, neural with it
-   matched): Yuan & Suh's histogram metrics to the target before and after, and the
-   grey-level SSIM to the input (means over images, from ``metrics.csv``).
+   method (reinhard, macenko, neural with the input's lightness kept, moved half and three
+   quarters of the way to the target's, and matched): Yuan & Suh's histogram metrics to
+   the target before and after, and the grey-level SSIM to the input (means over images,
+   from ``metrics.csv``).
 2. Seconds to fit the neural normaliser; MP/s per core to apply each method (one thread,
    fit included, one image of 1000 x 1000 px, best of 3).
 3. The effect on segmentation: Dice, AJI and detection F1 (IoU 0.5) of the threshold
@@ -149,6 +150,10 @@ def main() -> None:
     runs = {"none": ["--method", "none"], "reinhard": ["--method", "reinhard"],
             "macenko": ["--method", "macenko"],
             "neural": ["--method", "neural", "--save-model", str(model), *it],
+            "neural_lightness_0.5": ["--method", "neural", "--model", str(model),
+                                     "--lightness", "0.5"],
+            "neural_lightness_0.75": ["--method", "neural", "--model", str(model),
+                                      "--lightness", "0.75"],
             "neural_match": ["--method", "neural", "--model", str(model),
                              "--lightness", "match"]}
     for name, extra in runs.items():

@@ -159,13 +159,13 @@ def _stain_norm(args: argparse.Namespace):
     """The ``--stain-norm`` / ``--stain-target`` pair as a StainNorm."""
     from .nuclei.normalize import parse_stain_norm, stain_target
 
-    target = None
-    if args.stain_target is not None:
+    target, cohort = None, str(args.stain_target) == "cohort"
+    if args.stain_target is not None and not cohort:
         from .reports.normalize import load_target
 
         images, name = load_target(args.stain_target)
         target = stain_target(images, name=name)
-    return parse_stain_norm(args.stain_norm, target)
+    return parse_stain_norm(args.stain_norm, target, cohort=cohort)
 
 
 def _add_stain_norm(s: argparse.ArgumentParser) -> None:
@@ -173,8 +173,9 @@ def _add_stain_norm(s: argparse.ArgumentParser) -> None:
                    help="normalise each tile before segmentation and crops: reinhard "
                         "(default), macenko, neural:MODEL.pt (see `normalize`), none")
     s.add_argument("--stain-target", type=Path, default=None, metavar="IMAGE",
-                   help="reference image or folder for reinhard/macenko (default: Hu et "
-                        "al.'s target statistics, Macenko's reference stains)")
+                   help="reference image or folder for reinhard/macenko, or `cohort` "
+                        "(reinhard: crops in the training slides' pooled style, recorded in "
+                        "the model); default: the crops keep each slide's colours")
 
 
 def _add_preset(s: argparse.ArgumentParser) -> None:
@@ -411,9 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neural: a trained normaliser to reuse (its target is inside it)")
     s.add_argument("--save-model", type=Path, default=None,
                    help="neural: where to save the normaliser trained on --target")
-    s.add_argument("--lightness", choices=["keep", "match"], default="keep",
+    s.add_argument("--lightness", default="keep", metavar="keep|match|F",
                    help="neural: keep the input's lightness (default; structure cannot "
-                        "change) or match its tissue mean and spread to the target's")
+                        "change), match its tissue mean and spread to the target's, or go a "
+                        "fraction F of the way (0-1)")
     s.add_argument("--iterations", type=int, default=None,
                    help="neural: training iterations (default 1500)")
     s.add_argument("--mpp", type=float, default=None, help="µm/px for files without it")

@@ -260,7 +260,7 @@ def run_cohort(
                                           "window_um": model_config.get("crop_window_um",
                                                                         18.0)})
         lab = model_config.get("crop_lab_target")
-        if lab and params.stain_norm.is_default:  # the crops in the style the model learned
+        if lab and params.stain_norm.is_default:  # the crops in the cohort style it learned
             params = replace(params, stain_norm=StainNorm(
                 "reinhard", target=StainTarget(lab_mean=tuple(lab[0]), lab_std=tuple(lab[1]),
                                                name=COHORT_TARGET)))

@@ -231,7 +231,7 @@ def cohort_stain_target(stats: list[tuple[tuple[float, ...], tuple[float, ...]]]
                         ) -> StainTarget:
     """The cohort's own style: the mean of its slides' lαβ means and standard deviations.
 
-    The default crop normalisation maps every slide to it, which removes slide-to-slide
+    ``--stain-target cohort`` maps every slide's crops to it, which removes slide-to-slide
     colour differences without squeezing the cohort's stain into another one (Reinhard to
     Hu et al.'s H&E target cost 0.09 of Q's purity on May-Grünwald-Giemsa blood cells).
     """

@@ -237,7 +237,7 @@ def train_from_cohort(
     table, tiles_per_slide, cells_per_slide = _cap_sample(table, tiles_per_slide,
                                                           cells_per_slide, max_tiles,
                                                           max_cells, seed, params.tile_size)
-    if params.stain_norm.is_default:
+    if params.stain_norm.cohort:
         params, config = _cohort_style(client, table, params, config)
     config = replace(config, stain_norm=params.stain_norm.describe())
     budget = max_tiles * (params.tile_size + 256) ** 2 / max(len(table), 1)  # px per slide
@@ -284,9 +284,10 @@ def train_from_cohort(
 
 def _cohort_style(client: Any, table: pd.DataFrame, params: CensusParams, config: Any
                   ) -> tuple[CensusParams, Any]:
-    """The default crop normalisation: Reinhard to the style of the training slides (their
-    pooled lαβ statistics), recorded in the model so the census cuts its crops the same
-    way. Slides that fail to open are left out (they are skipped for training too)."""
+    """``--stain-target cohort``: crops Reinhard-normalised to the style of the training
+    slides (their pooled lαβ statistics), recorded in the model so the census cuts its crops
+    the same way. Slides that fail to open are left out (they are skipped for training
+    too)."""
     futs = [client.submit(slide_lab_stats, row["path"], _row_mpp(row), pure=False)
             for _, row in table.iterrows()]
     stats = [f.result() for f in futs if f.exception(timeout=None) is None]

@@ -51,6 +51,7 @@ __all__ = [
     "grey_ssim",
     "histogram_metrics",
     "macenko_transfer",
+    "normalized_window",
     "parse_stain_norm",
     "read_normalized",
     "rgb_to_cielab",
@@ -371,12 +372,16 @@ class StainNorm:
     target : StainTarget, optional
         ``reinhard`` and ``macenko``: the reference style (default: Hu et al.'s lαβ target
         and Macenko's reference stains).
+    cohort : bool
+        ``reinhard`` only: normalise the crops to the training cohort's pooled style,
+        computed by ``train`` and recorded in the model (``--stain-target cohort``).
     """
 
     method: str = "reinhard"
     model: str = ""
     model_sha256: str = ""
     target: StainTarget | None = None
+    cohort: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in NORM_METHODS:
@@ -384,22 +389,28 @@ class StainNorm:
                                     f"neural:MODEL.pt, none; got {self.method!r}")
         if self.method == "neural" and not self.model:
             raise InvalidInputError("--stain-norm neural needs its model: neural:MODEL.pt")
+        if self.cohort and (self.method != "reinhard" or self.target is not None):
+            raise InvalidInputError("--stain-target cohort is for --stain-norm reinhard")
 
     @property
     def is_default(self) -> bool:
-        """Reinhard without a target: the segmenter calibrates itself, the crops keep each
-        slide's style unless a model brings its cohort's (see ``engine.train``)."""
+        """Reinhard without a fixed target: the segmenter calibrates itself and the crops
+        keep each slide's colours (or, with ``cohort``, take a model's cohort style)."""
         return self.method == "reinhard" and self.target is None
 
     def describe(self) -> str:
         if self.method == "neural":
             return f"neural:{self.model}"
+        if self.cohort:
+            return "reinhard (target cohort)"
         return self.method + (f" (target {self.target.name})" if self.target else "")
 
 
-def parse_stain_norm(text: str, target: StainTarget | None = None) -> StainNorm:
+def parse_stain_norm(text: str, target: StainTarget | None = None, cohort: bool = False
+                     ) -> StainNorm:
     """``reinhard``, ``macenko``, ``none`` or ``neural:PATH`` as a :class:`StainNorm` (the
-    neural model's file is hashed here; a missing file is a one-line error)."""
+    neural model's file is hashed here; a missing file is a one-line error). ``cohort``:
+    ``--stain-target cohort``."""
     import hashlib
     from pathlib import Path
 
@@ -411,15 +422,17 @@ def parse_stain_norm(text: str, target: StainTarget | None = None) -> StainNorm:
             raise InvalidInputError(f"--stain-norm neural: no model file {model!r} (train one "
                                     f"with `slidecensus normalize ... --method neural "
                                     f"--save-model N.pt`)")
-        if target is not None:
+        if target is not None or cohort:
             raise InvalidInputError("--stain-target does not apply to neural: its target is "
                                     "in the model")
         return StainNorm("neural", str(p), hashlib.sha256(p.read_bytes()).hexdigest())
     if model:
         raise InvalidInputError(f"--stain-norm {method} takes no model, got {text!r}")
-    if method == "none" and target is not None:
+    if method == "none" and (target is not None or cohort):
         raise InvalidInputError("--stain-target does not apply to --stain-norm none")
-    return StainNorm(method, target=target)
+    if cohort and method != "reinhard":
+        raise InvalidInputError("--stain-target cohort is for --stain-norm reinhard")
+    return StainNorm(method, target=target, cohort=cohort)
 
 
 def _rgb8(x: np.ndarray) -> np.ndarray:
@@ -447,10 +460,18 @@ def read_normalized(slide, level: int, rx: int, ry: int, rw: int, rh: int, stain
     if norm.method == "reinhard":
         rgb = slide.read_region(level, rx, ry, rw, rh)
         return rgb, _rgb8(norm(rgb))
+    out = normalized_window(slide, level, rx, ry, rw, rh, norm)
+    return out, out
+
+
+def normalized_window(slide, level: int, rx: int, ry: int, rw: int, rh: int, norm
+                      ) -> np.ndarray:
+    """One window of a slide under a fitted normaliser, 8-bit RGB: read with the
+    normaliser's halo (clipped to the slide, started on a multiple of its stride) and
+    trimmed, so that windows agree with the whole image."""
     m = int(getattr(norm, "halo_px", 0))
     if m == 0:
-        out = _rgb8(norm(slide.read_region(level, rx, ry, rw, rh)))
-        return out, out
+        return _rgb8(norm(slide.read_region(level, rx, ry, rw, rh)))
     s = int(getattr(norm, "stride", 1))
     if level != 0:
         raise InvalidInputError("stain normalisation with a halo reads level 0 only")
@@ -458,5 +479,4 @@ def read_normalized(slide, level: int, rx: int, ry: int, rw: int, rh: int, stain
     x0, y0 = max(0, (rx - m) // s * s), max(0, (ry - m) // s * s)
     x1, y1 = min(w, rx + rw + m), min(h, ry + rh + m)
     big = norm(slide.read_region(level, x0, y0, x1 - x0, y1 - y0))
-    out = _rgb8(big[ry - y0:ry - y0 + rh, rx - x0:rx - x0 + rw])
-    return out, out
+    return _rgb8(big[ry - y0:ry - y0 + rh, rx - x0:rx - x0 + rw])

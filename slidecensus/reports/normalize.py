@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ from ..nuclei.normalize import (
     fit_normalizer,
     grey_ssim,
     histogram_metrics,
-    read_normalized,
+    normalized_window,
     stain_target,
 )
 from ..tiling import TissueMask, open_slide, tissue_mask_rgb
@@ -146,11 +145,10 @@ def _one(path: Path, out: Path, method: str, target: Any, model: str | None,
         h, w = slide.shape
         row.update(width=w, height=h, mpp=slide.mpp)
         norm = _fit(method, slide, target, model, lightness)
-        holder = SimpleNamespace(norm=norm)
         plain = path.suffix.lower() in _PLAIN and h * w <= WHOLE_PX
         if plain:
             src = slide.read_region(0, 0, 0, w, h)
-            res = read_normalized(slide, 0, 0, 0, w, h, holder)[0]
+            res = normalized_window(slide, 0, 0, 0, w, h, norm)
             dst = out / (path.stem + ".png")
             _write_png(dst, res, slide.mpp)
         else:
@@ -159,7 +157,7 @@ def _one(path: Path, out: Path, method: str, target: Any, model: str | None,
             dst = out / (path.stem + ".tif")
 
             def source(x: int, y: int, tw: int, th: int) -> np.ndarray:
-                return read_normalized(slide, 0, x, y, tw, th, holder)[0]
+                return normalized_window(slide, 0, x, y, tw, th, norm)
 
             write_pyramid_tiff(dst, source, (h, w), mpp=slide.mpp or 0.25,
                                tile_size=1024 if method == "neural" else 512,
@@ -207,7 +205,8 @@ def normalize_images(inputs: Sequence[str | os.PathLike], out: str | os.PathLike
     method : ``reinhard``, ``macenko``, ``neural`` or ``none``
     model : a trained neural normaliser to reuse (``neural``)
     save_model : where to save the neural normaliser trained on ``target``
-    lightness : ``keep`` or ``match`` (neural; :data:`slidecensus.nuclei.colorize.LIGHTNESS`)
+    lightness : ``keep``, ``match`` or a fraction (neural;
+        :data:`slidecensus.nuclei.colorize.LIGHTNESS`)
     mpp : µm/px of inputs that do not record it (written into the outputs)
     iterations : training iterations of the neural normaliser (default its config's)
     """
@@ -216,6 +215,10 @@ def normalize_images(inputs: Sequence[str | os.PathLike], out: str | os.PathLike
                                 f"got {method!r}")
     if method != "neural" and (model is not None or save_model is not None):
         raise InvalidInputError("--model and --save-model are for --method neural")
+    if method == "neural":
+        from ..nuclei.colorize import lightness_fraction
+
+        lightness_fraction(lightness)  # a bad value stops here, before any training
     files = resolve_inputs(inputs)
     if target is None and not (method == "neural" and model is not None):
         raise InvalidInputError("--target is needed (the reference style), except for "

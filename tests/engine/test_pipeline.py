@@ -378,6 +378,45 @@ def test_training_on_a_worker_reports_progress_to_the_client(cohort, client, tmp
     assert "training: it 4/4" in caplog.text and "L_Q" in caplog.text
 
 
+def test_cohort_style_crops_are_pooled_recorded_and_adopted(cohort, client, tmp_path):
+    """``--stain-target cohort``: training pools its slides' tissue lαβ statistics into the
+    crops' Reinhard target and records it; a census with that model and default flags
+    normalises its crops to it (manifest). The default trains on the slides' own colours."""
+    from dataclasses import replace
+
+    from slidecensus.engine.cohort import read_cohort
+    from slidecensus.engine.train import train_from_cohort
+    from slidecensus.models import TrainConfig, load_model
+    from slidecensus.nuclei.normalize import StainNorm
+    from slidecensus.nuclei.segment import stain_sample
+    from slidecensus.nuclei.stain import rgb_to_lab, tissue_pixels
+    from slidecensus.tiling import open_slide
+
+    config = TrainConfig(k=2, width=8, z_dim=8, iterations=2, batch_size=16, seed=0)
+    plain = train_from_cohort(cohort, tmp_path / "plain.pt", config=config, client=client,
+                              tiles_per_slide=1, cells_per_slide=64, params=PARAMS)
+    assert load_model(plain).config.crop_lab_target is None
+    assert load_model(plain).config.stain_norm == "reinhard"
+    path = train_from_cohort(cohort, tmp_path / "m.pt", config=config, client=client,
+                             tiles_per_slide=1, cells_per_slide=64,
+                             params=replace(PARAMS, stain_norm=StainNorm(cohort=True)))
+    cfg = load_model(path).config
+    assert cfg.stain_norm == "reinhard (target cohort)"
+    means, stds = [], []
+    for p in read_cohort(cohort)["path"]:
+        with open_slide(p) as slide:
+            px = stain_sample(slide, with_mask=False)[0].reshape(-1, 3)
+        lab = rgb_to_lab(px[tissue_pixels(px)]).astype(np.float64)
+        means.append(lab.mean(axis=0))
+        stds.append(lab.std(axis=0))
+    np.testing.assert_allclose(cfg.crop_lab_target[0], np.mean(means, axis=0), atol=2e-3)
+    np.testing.assert_allclose(cfg.crop_lab_target[1], np.mean(stds, axis=0), rtol=2e-2)
+    run_cohort(cohort, tmp_path / "run", client=client, model=path, params=PARAMS)
+    norm = json.loads((tmp_path / "run" / "manifest.json").read_text())["params"]["stain_norm"]
+    assert norm["method"] == "reinhard" and norm["target"]["name"] == "cohort"
+    np.testing.assert_allclose(norm["target"]["lab_mean"], cfg.crop_lab_target[0])
+
+
 def test_census_outlines_reach_qupath(cohort, client, tiny_model, tmp_path):
     """`run --outlines`: every cell keeps its nucleus polygon in level-0 pixels (holding its
     centroid, with the table's area), the census itself is unchanged, and `export` writes

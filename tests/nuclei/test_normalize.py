@@ -110,6 +110,10 @@ def test_grey_level_target_and_bad_specs_are_refused(monuseg):
         parse_stain_norm("neural:/nonexistent/n.pt")
     with pytest.raises(InvalidInputError, match="takes no model"):
         parse_stain_norm("macenko:x.pt")
+    with pytest.raises(InvalidInputError, match="cohort"):
+        parse_stain_norm("macenko", cohort=True)
+    cohort = parse_stain_norm("reinhard", cohort=True)
+    assert cohort.is_default and cohort.describe() == "reinhard (target cohort)"
     assert parse_stain_norm("reinhard").is_default
     assert not parse_stain_norm("reinhard", StainTarget(name="t")).is_default
 
