@@ -138,3 +138,27 @@ def test_grey_level_target_is_refused(images):
     grey = np.repeat(images[0].mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8)
     with pytest.raises(InvalidInputError, match="grey-level"):
         train_colorizer([grey], ColorizerConfig(iterations=1))
+
+
+def test_lightness_match_moves_the_tissue_tones_to_the_targets(images, tiny_model):
+    """``match`` maps the tissue L mean to the target's; 0.5 goes half way; ``keep`` and
+    bad values as documented."""
+    from slidecensus.errors import InvalidInputError
+    from slidecensus.nuclei.colorize import lightness_fraction
+    from slidecensus.nuclei.stain import tissue_pixels
+
+    img = images[1]
+    t_mean = load_colorizer(tiny_model)["l_mean"]
+    lum_in = rgb_to_cielab(img)[..., 0]
+    tissue = tissue_pixels(img)
+    means = {}
+    for mode in ("keep", "0.5", "match"):
+        out = fit_neural(tiny_model, img, lightness=mode)(img)
+        means[mode] = float(rgb_to_cielab(out)[..., 0][tissue].mean())
+    assert means["keep"] == pytest.approx(float(lum_in[tissue].mean()), abs=0.05)
+    assert means["match"] == pytest.approx(t_mean, abs=0.5)
+    assert means["0.5"] == pytest.approx((means["keep"] + means["match"]) / 2, abs=0.5)
+    assert lightness_fraction("keep") == 0.0 and lightness_fraction("match") == 1.0
+    for bad in ("brighter", "1.5", -0.1):
+        with pytest.raises(InvalidInputError, match="lightness"):
+            lightness_fraction(bad)
