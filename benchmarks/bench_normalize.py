@@ -4,6 +4,8 @@ Measured, never asserted::
 
     python -m benchmarks.bench_normalize [--target TCGA-18-5592-01Z-00-DX1] [--iterations 1500]
 
+(default target: the image of median tissue lightness)
+
 1. Every other image normalised to the target through ``slidecensus normalize`` with each
    method (reinhard, macenko, neural with the input's lightness kept, moved half and three
    quarters of the way to the target's, and matched): Yuan & Suh's histogram metrics to
@@ -110,7 +112,7 @@ def _speed(image: Path, target: Path, model: Path) -> dict:
     out = {}
     runs = {"reinhard": lambda: fit_normalizer("reinhard", img, tgt)(img),
             "macenko": lambda: fit_normalizer("macenko", img, tgt)(img),
-            "neural_bf16": lambda: fit_neural(model, img, amp=True)(img),
+            "neural_bf16": lambda: fit_neural(model, img, amp=True)(img),  # default lightness
             "neural_fp32": lambda: fit_neural(model, img, amp=False)(img)}
     for name, fn in runs.items():
         fn()
@@ -123,6 +125,20 @@ def _speed(image: Path, target: Path, model: Path) -> dict:
     return out
 
 
+def _median_lightness(images: list[Path]) -> Path:
+    """The image whose mean tissue CIE L* is the median of the set."""
+    from imageio import v3 as iio
+
+    from slidecensus.nuclei.normalize import rgb_to_cielab
+    from slidecensus.nuclei.stain import tissue_pixels
+
+    lum = []
+    for p in images:
+        im = iio.imread(p)[..., :3]
+        lum.append(float(rgb_to_cielab(im)[..., 0][tissue_pixels(im)].mean()))
+    return images[int(np.argsort(lum)[len(lum) // 2])]
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -131,7 +147,9 @@ def _timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="TCGA-18-5592-01Z-00-DX1")
+    ap.add_argument("--target", default=None,
+                    help="target image's stem (default: the image of median tissue "
+                         "lightness, a representative reference)")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--no-segmentation", action="store_true")
     args = ap.parse_args()
@@ -139,7 +157,8 @@ def main() -> None:
     from slidecensus.nuclei.normalize import parse_stain_norm, stain_target
 
     images = sorted((MONUSEG / "images").glob("*.png"))
-    target = MONUSEG / "images" / f"{args.target}.png"
+    target = (MONUSEG / "images" / f"{args.target}.png" if args.target
+              else _median_lightness(images))
     inputs = [p for p in images if p != target]
     CACHE.mkdir(parents=True, exist_ok=True)
     model = CACHE / "neural.pt"
@@ -149,7 +168,8 @@ def main() -> None:
     it = ["--iterations", str(args.iterations)] if args.iterations else []
     runs = {"none": ["--method", "none"], "reinhard": ["--method", "reinhard"],
             "macenko": ["--method", "macenko"],
-            "neural": ["--method", "neural", "--save-model", str(model), *it],
+            "neural_lightness_keep": ["--method", "neural", "--save-model", str(model), *it,
+                                      "--lightness", "keep"],
             "neural_lightness_0.5": ["--method", "neural", "--model", str(model),
                                      "--lightness", "0.5"],
             "neural_lightness_0.75": ["--method", "neural", "--model", str(model),
@@ -175,7 +195,8 @@ def main() -> None:
                  "reinhard to target": parse_stain_norm("reinhard", tgt),
                  "macenko to target": parse_stain_norm("macenko", tgt),
                  "macenko (reference stains)": parse_stain_norm("macenko"),
-                 "neural": parse_stain_norm(f"neural:{model}")}
+                 "neural (lightness kept, as in the pipeline)":
+                     parse_stain_norm(f"neural:{model}")}
         res["segmentation"] = _segmentation(images, specs)
     write_results("normalize", res)
 

@@ -412,10 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neural: a trained normaliser to reuse (its target is inside it)")
     s.add_argument("--save-model", type=Path, default=None,
                    help="neural: where to save the normaliser trained on --target")
-    s.add_argument("--lightness", default="keep", metavar="keep|match|F",
-                   help="neural: keep the input's lightness (default; structure cannot "
-                        "change), match its tissue mean and spread to the target's, or go a "
-                        "fraction F of the way (0-1)")
+    s.add_argument("--lightness", default="0.75", metavar="keep|match|F",
+                   help="neural: keep the input's lightness (the structure cannot change), "
+                        "match its tissue mean and spread to the target's, or go a fraction "
+                        "F of the way (default 0.75; see docs/normalization.md)")
     s.add_argument("--iterations", type=int, default=None,
                    help="neural: training iterations (default 1500)")
     s.add_argument("--mpp", type=float, default=None, help="µm/px for files without it")

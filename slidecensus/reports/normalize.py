@@ -190,7 +190,7 @@ def _one(path: Path, out: Path, method: str, target: Any, model: str | None,
 def normalize_images(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                      target: str | os.PathLike | None = None, method: str = "reinhard",
                      model: str | os.PathLike | None = None,
-                     save_model: str | os.PathLike | None = None, lightness: str = "keep",
+                     save_model: str | os.PathLike | None = None, lightness: str = "0.75",
                      mpp: float | None = None, iterations: int | None = None, seed: int = 0,
                      progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """Normalise ``inputs`` to ``target``'s style with ``method``; write images,
