@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import write_results  # noqa: E402
+from benchmarks.harness import run_cli, write_results  # noqa: E402
 
 BLOOD = ROOT.parent / "shared" / "data" / "blood-cells"
 CACHE = Path(os.environ.get("SLIDECENSUS_BENCH_CACHE", "/tmp/slidecensus-bench"))
@@ -43,12 +42,6 @@ CACHE = Path(os.environ.get("SLIDECENSUS_BENCH_CACHE", "/tmp/slidecensus-bench")
 BLOOD_MPP = 0.1
 
 
-def _cli(*args: str) -> float:
-    """Run ``slidecensus ARGS`` and return its wall time (s); fails loudly."""
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "slidecensus.cli", *args], check=True,
-                   stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
 
 
 def _scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
@@ -83,11 +76,11 @@ def cmd_blood(args: argparse.Namespace) -> dict:
         shutil.rmtree(d, ignore_errors=True)
     norm = ("--stain-norm", args.stain_norm)
     res["stain_norm"] = args.stain_norm
-    res["train_s"] = _cli("train", str(work / "cohort.csv"), "--out", str(model), "--k",
+    res["train_s"] = run_cli("train", str(work / "cohort.csv"), "--out", str(model), "--k",
                           str(args.k), "--preset", args.preset, *norm)
-    res["run_s"] = _cli("run", str(work / "cohort.csv"), "--out", str(run), "--model",
+    res["run_s"] = run_cli("run", str(work / "cohort.csv"), "--out", str(run), "--model",
                         str(model), *norm)
-    res["run_no_classify_s"] = _cli("run", str(work / "cohort.csv"), "--out", str(plain),
+    res["run_no_classify_s"] = run_cli("run", str(work / "cohort.csv"), "--out", str(plain),
                                     "--no-classify", *norm)
     res["classified_over_unclassified"] = res["run_s"] / res["run_no_classify_s"]
     cfg = load_model(model).config

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -35,18 +34,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import write_results  # noqa: E402
+from benchmarks.harness import run_cli, write_results  # noqa: E402
 
 MONUSEG = ROOT.parent / "shared" / "data" / "monuseg-train"
 CACHE = Path(os.environ.get("SLIDECENSUS_BENCH_CACHE", "/tmp/slidecensus-bench")) / "normalize"
 MPP = 0.25
 
 
-def _cli(*args: str) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "slidecensus.cli", *args], check=True,
-                   stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
 
 
 def _metrics(folder: Path) -> dict:
@@ -178,7 +172,7 @@ def main() -> None:
                              "--lightness", "match"]}
     for name, extra in runs.items():
         folder = CACHE / name
-        wall = _cli("normalize", *common, *extra, "--out", str(folder))
+        wall = run_cli("normalize", *common, *extra, "--out", str(folder))
         res["methods"][name] = {**_metrics(folder), "wall_s": wall}
         print(name, res["methods"][name], flush=True)
     summary = load_colorizer(model)["summary"]

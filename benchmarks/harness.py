@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -66,3 +67,12 @@ def vm_hwm_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return peak_rss_mb()
+
+
+def run_cli(*args: str) -> float:
+    """Run ``slidecensus ARGS`` in a subprocess, as a user would; its wall time (s). Fails
+    loudly; stdout is dropped, logs stay on stderr."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "slidecensus.cli", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
