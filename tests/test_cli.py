@@ -18,7 +18,7 @@ def test_console_script_is_installed():
     res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
     for name in ("synth", "segment", "train", "run", "info", "demo", "classify", "heatmap",
-                 "gallery", "export", "cluster"):
+                 "gallery", "export", "cluster", "normalize"):
         assert name in res.stdout
 
 
