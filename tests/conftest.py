@@ -83,3 +83,20 @@ def s3_server(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     proc.terminate()
     proc.wait(10)
+
+
+class _ArraySlide:
+    """The two members of a Slide that tile readers use (``shape``, ``read_region``), over
+    an in-memory array."""
+
+    def __init__(self, a):
+        self.a, self.shape = a, a.shape[:2]
+
+    def read_region(self, level, x, y, w, h):
+        return self.a[y:y + h, x:x + w].copy()
+
+
+@pytest.fixture
+def array_slide():
+    """Wrap an RGB array as a minimal slide: ``array_slide(rgb)``."""
+    return _ArraySlide

@@ -29,6 +29,7 @@ __all__ = [
     "CensusParams",
     "SlidePlan",
     "cohort_stain_target",
+    "fit_neural_to_slide",
     "fit_slide_normalizer",
     "plan_slide",
     "slide_lab_stats",
@@ -185,17 +186,25 @@ def fit_slide_normalizer(spec: StainNorm, slide: Any, sample: np.ndarray,
         norm = fit_normalizer(spec.method, sample, spec.target)
         # reinhard: the segmenter calibrates itself on the raw pixels (read_normalized)
         return norm, (norm(sample) if spec.method == "macenko" else sample)
+    norm, pixels = fit_neural_to_slide(spec.model, slide, mask, seed)
+    return norm, np.concatenate([norm(p).reshape(-1, 3) for p in pixels])[None]
+
+
+def fit_neural_to_slide(model: str, slide: Any, mask: TissueMask | None = None, seed: int = 0,
+                        lightness: str | float = PIPELINE_LIGHTNESS) -> tuple[Any, list]:
+    """A neural normaliser fitted to one slide from level-0 pixels (the network runs at full
+    resolution): the whole image when it is small, else :data:`NEURAL_FIT_PATCHES`
+    patches on the tissue mask, seeded. Returns (the normaliser, those pixels)."""
     from ..nuclei.colorize import fit_neural
 
     h, w = slide.shape
     if h * w <= NEURAL_FIT_WHOLE_PX:
         whole = slide.read_region(0, 0, 0, w, h)
-        norm = fit_neural(spec.model, whole, seed=seed, lightness=PIPELINE_LIGHTNESS)
-        return norm, norm(whole)
+        return fit_neural(model, whole, seed=seed, lightness=lightness), [whole]
     patches = tissue_patches(slide, mask, NEURAL_FIT_PATCHES, NEURAL_FIT_PATCH_PX, seed)
-    norm = fit_neural(spec.model, np.concatenate([p.reshape(-1, 3) for p in patches])[None],
-                      patches, lightness=PIPELINE_LIGHTNESS)
-    return norm, np.concatenate([norm(p).reshape(-1, 3) for p in patches])[None]
+    norm = fit_neural(model, np.concatenate([p.reshape(-1, 3) for p in patches])[None],
+                      patches, lightness=lightness)
+    return norm, patches
 
 
 def tissue_patches(slide: Any, mask: TissueMask | None, n: int, size: int, seed: int

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..engine.cohort import SLIDE_SUFFIXES, read_cohort
-from ..engine.plan import tissue_patches
+from ..engine.plan import fit_neural_to_slide, tissue_patches
 from ..errors import InvalidInputError, SlidecensusError
 from ..nuclei.normalize import (
     NORM_METHODS,
@@ -104,21 +104,19 @@ def load_target(spec: str | os.PathLike, seed: int = 0) -> tuple[list[np.ndarray
     return images, p.name
 
 
-def _fit(method: str, slide: Any, target: Any, model: str | None, lightness: str) -> Any:
-    """The input's fitted normaliser."""
+def _fit(method: str, slide: Any, target: Any, model: str | None, lightness: str,
+         whole: np.ndarray | None) -> Any:
+    """The input's fitted normaliser; ``whole``: its pixels when it is read whole."""
     h, w = slide.shape
     if method == "neural":
-        from ..nuclei.colorize import fit_neural
-
-        if h * w <= WHOLE_PX:
-            return fit_neural(model, slide.read_region(0, 0, 0, w, h), lightness=lightness)
-        thumb = slide.thumbnail(1024)
-        mask = TissueMask(tissue_mask_rgb(thumb), max(h / thumb.shape[0], w / thumb.shape[1]))
-        patches = tissue_patches(slide, mask, 16, 256, 0)
-        return fit_neural(model, np.concatenate([p.reshape(-1, 3) for p in patches])[None],
-                          patches, lightness=lightness)
-    sample = slide.read_region(0, 0, 0, w, h) if h * w <= WHOLE_PX else slide.thumbnail(2048)
-    return fit_normalizer(method, sample, target)
+        mask = None
+        if whole is None:
+            thumb = slide.thumbnail(1024)
+            mask = TissueMask(tissue_mask_rgb(thumb),
+                              max(h / thumb.shape[0], w / thumb.shape[1]))
+        return fit_neural_to_slide(model, slide, mask, 0, lightness)[0]
+    return fit_normalizer(method, whole if whole is not None else slide.thumbnail(2048),
+                          target)
 
 
 def _write_png(path: Path, rgb: np.ndarray, mpp: float | None) -> None:
@@ -144,11 +142,12 @@ def _one(path: Path, out: Path, method: str, target: Any, model: str | None,
         hist_src = hist_res = None
         h, w = slide.shape
         row.update(width=w, height=h, mpp=slide.mpp)
-        norm = _fit(method, slide, target, model, lightness)
         plain = path.suffix.lower() in _PLAIN and h * w <= WHOLE_PX
+        whole = slide.read_region(0, 0, 0, w, h) if h * w <= WHOLE_PX else None
+        norm = _fit(method, slide, target, model, lightness, whole)
         if plain:
-            src = slide.read_region(0, 0, 0, w, h)
-            res = normalized_window(slide, 0, 0, 0, w, h, norm)
+            src = whole
+            res = np.round(norm(src)).astype(np.uint8)  # whole: the neural one tiles inside
             dst = out / (path.stem + ".png")
             _write_png(dst, res, slide.mpp)
         else:

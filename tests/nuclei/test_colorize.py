@@ -86,15 +86,9 @@ def test_tiled_equals_whole_within_one_grey_level(images, tiny_model):
         assert np.abs(whole - tiled).max() <= 1.0
 
 
-class _ArraySlide:
-    def __init__(self, a):
-        self.a, self.shape = a, a.shape[:2]
 
-    def read_region(self, level, x, y, w, h):
-        return self.a[y:y + h, x:x + w].copy()
-
-
-def test_census_tiles_read_through_the_halo_equal_the_whole_image(images, tiny_model):
+def test_census_tiles_read_through_the_halo_equal_the_whole_image(images, tiny_model,
+                                                                  array_slide):
     """read_normalized grows a tile by the normaliser's halo (stride-aligned) and trims it:
     the tile equals the same window of the whole normalised image."""
     img = images[1][:400, :400]
@@ -102,7 +96,7 @@ def test_census_tiles_read_through_the_halo_equal_the_whole_image(images, tiny_m
     model = replace(estimate_stain_model(img), norm=norm)
     whole = np.round(norm(img)).astype(np.uint8)
     for x, y, w, h in [(0, 0, 150, 120), (133, 77, 150, 150), (250, 300, 150, 100)]:
-        seg, crop = read_normalized(_ArraySlide(img), 0, x, y, w, h, model)
+        seg, crop = read_normalized(array_slide(img), 0, x, y, w, h, model)
         assert np.abs(seg.astype(int) - whole[y:y + h, x:x + w]).max() <= 1
         assert crop is seg
 

@@ -124,41 +124,32 @@ def test_stain_target_round_trips_through_a_dict(monuseg):
     assert StainNorm("macenko", target=t) != StainNorm("macenko")
 
 
-class _ArraySlide:
-    """The two members of a Slide that read_normalized uses, over an array."""
 
-    def __init__(self, a):
-        self.a = a
-        self.shape = a.shape[:2]
-
-    def read_region(self, level, x, y, w, h):
-        return self.a[y:y + h, x:x + w].copy()
-
-
-def test_read_normalized_reinhard_segments_raw_and_crops_normalised(monuseg):
+def test_read_normalized_reinhard_segments_raw_and_crops_normalised(monuseg, array_slide):
     """The default (no target) leaves both raw; Reinhard to a target normalises the crops
     only (the segmenter calibrates itself)."""
     from dataclasses import replace
 
     img = monuseg[1]
     model = estimate_stain_model(img)
-    seg, crop = read_normalized(_ArraySlide(img), 0, 10, 20, 100, 80, model)
+    seg, crop = read_normalized(array_slide(img), 0, 10, 20, 100, 80, model)
     np.testing.assert_array_equal(seg, img[20:100, 10:110])
     np.testing.assert_array_equal(crop, seg)
     norm = fit_normalizer("reinhard", img, stain_target(monuseg[0]))
-    seg, crop = read_normalized(_ArraySlide(img), 0, 10, 20, 100, 80,
+    seg, crop = read_normalized(array_slide(img), 0, 10, 20, 100, 80,
                                 replace(model, norm=norm))
     np.testing.assert_array_equal(seg, img[20:100, 10:110])
     np.testing.assert_array_equal(crop, np.round(norm(seg)).astype(np.uint8))
 
 
-def test_read_normalized_with_a_pixel_normaliser_equals_the_whole_image(monuseg):
+def test_read_normalized_with_a_pixel_normaliser_equals_the_whole_image(monuseg,
+                                                                      array_slide):
     from dataclasses import replace
 
     img = monuseg[1]
     norm = fit_normalizer("macenko", img, stain_target(monuseg[0]))
     model = replace(estimate_stain_model(img), norm=norm)
     whole = np.round(norm(img)).astype(np.uint8)
-    seg, crop = read_normalized(_ArraySlide(img), 0, 10, 20, 100, 80, model)
+    seg, crop = read_normalized(array_slide(img), 0, 10, 20, 100, 80, model)
     np.testing.assert_array_equal(seg, whole[20:100, 10:110])
     np.testing.assert_array_equal(crop, seg)
