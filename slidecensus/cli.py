@@ -113,6 +113,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .engine.train import train_from_cohort
     from .nuclei.segment import segment_params_from
 
+    if args.labels is not None:
+        return _train_guided(args)
+    if args.guide is not None:
+        raise InvalidInputError("--guide needs --labels CELLS.csv (a guided model)")
+
     settings = {"k": args.k, "width": args.width, "epochs": args.epochs,
                 "iterations": args.iterations}
     if args.epochs is not None and args.iterations is None:
@@ -126,6 +131,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                  tiles_per_slide=args.tiles_per_slide,
                                  cells_per_slide=args.cells_per_slide, progress=show)
     print(f"model written: {path}")
+    return 0
+
+
+def _train_guided(args: argparse.Namespace) -> int:
+    """``train --labels``: a guided model (Gräbel et al.) from labelled points."""
+    from .engine.plan import CensusParams
+    from .engine.train import train_guided_from_cohort
+    from .nuclei.segment import segment_params_from
+
+    settings = {key: v for key, v in (("epochs", args.epochs), ("width", args.width))
+                if v is not None}
+    if "epochs" in settings:
+        settings["epochs"] = max(1, int(round(settings["epochs"])))
+    params = CensusParams(segment=segment_params_from(args.set), stain_norm=_stain_norm(args))
+    with _progress(args) as show:
+        path, report = train_guided_from_cohort(
+            args.cohort, args.labels, args.out, guide=args.guide, cluster=args.cluster,
+            seed=args.seed, params=params, settings=settings,
+            unmatched_out=args.unmatched, progress=show)
+    bad = report[~report["matched"]]
+    print(f"{len(report) - len(bad)} of {len(report)} labelled points matched a nucleus")
+    if len(bad):
+        where = args.unmatched or f"{args.out}.unmatched.csv"
+        print(f"{len(bad)} unmatched (listed in {where})")
+    from .models import load_model
+
+    s = load_model(path).summary
+    print(f"guided model written: {path} (validation macro F1 {s['val_macro_f1']:.3f}, "
+          f"head {s['head']}, epoch {s['best_epoch']})")
+    return 0
+
+
+def _cmd_embedmap(args: argparse.Namespace) -> int:
+    from .reports.embedmap import make_embedmap
+
+    path = make_embedmap(args.dir, slide=args.slide,
+                         out=str(args.out) if args.out else None, n=args.n, seed=args.seed)
+    print(f"embedding map: {path}")
     return 0
 
 
@@ -355,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stain_norm(s)
     s.set_defaults(func=_cmd_segment)
 
-    s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells")
+    s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells, "
+                                     "or a guided model from labelled cells (--labels)")
     s.add_argument("cohort", help="CSV with a path column, a folder, or a quoted glob")
     s.add_argument("--out", required=True, help="checkpoint file (.pt; a path or s3://...)")
     _add_preset(s)
@@ -370,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "number)")
     s.add_argument("--tiles-per-slide", type=int, default=8)
     s.add_argument("--cells-per-slide", type=int, default=2000)
+    s.add_argument("--labels", type=Path, default=None, metavar="CELLS.csv",
+                   help="labelled points (path or slide_id, x_px, y_px, label): train a "
+                        "guided model (Gräbel et al.) that names cell types instead")
+    s.add_argument("--guide", type=Path, default=None, metavar="GUIDE.toml",
+                   help="with --labels: the embedding guide (default: the haematopoietic "
+                        "guide that ships with slidecensus)")
+    s.add_argument("--unmatched", type=Path, default=None, metavar="CSV",
+                   help="with --labels: where to list points that matched no nucleus "
+                        "(default OUT.unmatched.csv)")
     _add_segment_set(s)
     _add_stain_norm(s)
     s.add_argument("--cluster", default="local")
@@ -462,6 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", help="census output folder")
     s.add_argument("--slides", type=_slide_list, default=None, help="only these slide ids")
     s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("embedmap", help="a guided run's cells on the guide map (PNG)")
+    s.add_argument("dir", help="census output folder (run with a guided model)")
+    s.add_argument("--slide", default=None, help="one slide id (default: the cohort)")
+    s.add_argument("--out", type=Path, default=None,
+                   help="PNG to write (default DIR/embedmap.png)")
+    s.add_argument("--n", type=int, default=5000, help="cells drawn (a seeded sample)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_embedmap)
 
     s = sub.add_parser("demo", help="generate a demo cohort and run the census on it")
     s.add_argument("out", type=Path, nargs="?", default=Path("demo"))

@@ -303,6 +303,7 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
         "cohort": cohort, "max_bad_tiles": max_bad_tiles,
         "model_config": _model_config(model) or None})
     _check_worker_memory(client, params)
+    names = tuple(_model_config(model).get("classes") or ())  # a guided model's types
     gpu = _has_gpu_worker(client)
     if model is not None:
         log.info("classifying on %s", "the GPU worker(s)" if gpu else
@@ -327,7 +328,7 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
                             slides_in_flight, digest, max_bad_tiles):
         records[row["slide_id"]] = rec
         _write_record(out, row["slide_id"], rec)
-        _write_slides_csv(out, table, records, k)
+        _write_slides_csv(out, table, records, k, names)
         total_cells += int(rec.get("n_cells", 0))
         detail = (f"{rec.get('tiles_done', 0)} tiles, {rec['n_cells']} cells"
                   if rec["status"] == "ok" else rec["error"])
@@ -338,7 +339,7 @@ def _run_locked(table: pd.DataFrame, out: OutputDir, client: Any, *,
         if progress is not None:
             progress(Progress("census", len(records), len(table), cells=total_cells,
                               item=str(row["slide_id"]), status=rec["status"]))
-    return _write_slides_csv(out, table, records, k)
+    return _write_slides_csv(out, table, records, k, names)
 
 
 #: Memory a worker process needs besides its tile (interpreter, numpy, torch, Dask).
@@ -460,7 +461,9 @@ def _write_record(out: OutputDir, slide_id: str, rec: dict) -> None:
 
 
 def _write_slides_csv(out: OutputDir, table: pd.DataFrame, records: dict[str, dict],
-                      k: int) -> pd.DataFrame:
+                      k: int, names: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``slides.csv``: one row per slide; with a guided model's type ``names`` the
+    proportions are also given as ``p_<type>`` (after ``p_0..p_{k-1}``)."""
     rows = []
     for _, r in table.iterrows():
         rec = records.get(r["slide_id"])
@@ -472,6 +475,8 @@ def _write_slides_csv(out: OutputDir, table: pd.DataFrame, records: dict[str, di
         props = (rec or {}).get("proportions") or [np.nan] * k
         for j in range(k):
             row[f"p_{j}"] = props[j] if j < len(props) else np.nan
+        for j, name in enumerate(names):
+            row[f"p_{name}"] = props[j] if j < len(props) else np.nan
         for key, name in (("expected", "e"), ("expected_lo", "lo"), ("expected_hi", "hi")):
             vals = (rec or {}).get(key) or []
             for j in range(k):

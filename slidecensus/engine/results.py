@@ -75,7 +75,22 @@ class RunResults:
                      c[2:].isdigit())
         self.names = self._names()
 
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The cell types of a guided model's run, in cluster order (() otherwise)."""
+        cfg = self.manifest.get("model_config") or {}
+        return tuple(cfg.get("classes") or ()) if cfg.get("kind") == "guided" else ()
+
+    @property
+    def guided(self) -> bool:
+        """Whether the run classified with a guided model (named types)."""
+        return bool(self.types)
+
     def _names(self) -> dict[int, str]:
+        """Cluster names: a guided model's types, then ``clusters.toml`` (which wins)."""
+        return {**dict(enumerate(self.types)), **self._toml_names()}
+
+    def _toml_names(self) -> dict[int, str]:
         if self.out.local:
             names = read_cluster_names(Path(self.out.root) / CLUSTER_FILE)
         else:

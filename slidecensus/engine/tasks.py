@@ -148,6 +148,9 @@ def classify_task(model_path: str | ModelRef | None, seed: tuple[int, ...], firs
                   ) -> list[TileResult | TileFailure]:
     """Push the crops of several tiles through Q in batches (model loaded once).
 
+    With a guided model (Gräbel et al.) each cell also gets its type's name
+    (``cell_type``), ``p_<type>`` and its guide-map position ``emb_x, emb_y``.
+
     The crops stop here: what goes on to the slide's reduction is each tile's table, with
     its clusters and probabilities, and at most ``quota`` sampled crops per tile (seeded by
     ``seed`` and the tile's index), so a slide of a million cells never gathers its crops on
@@ -158,6 +161,8 @@ def classify_task(model_path: str | ModelRef | None, seed: tuple[int, ...], firs
     failed = {j: t for j, t in enumerate(segmented) if isinstance(t, TileFailure)}
     tiles = [t for t in segmented if not isinstance(t, TileFailure)]
     sizes = [len(c) for _, c in tiles]
+    classes: tuple[str, ...] = ()
+    emb = np.zeros((sum(sizes), 2), np.float32)
     if model_path is None:
         clusters = np.full(sum(sizes), -1, np.int64)
         probs = np.zeros((sum(sizes), 0), np.float32)
@@ -170,8 +175,15 @@ def classify_task(model_path: str | ModelRef | None, seed: tuple[int, ...], firs
                 else np.zeros((0, 32, 32, 3), np.uint8))
         gpu = str(getattr(model, "device", "cpu")).startswith("cuda")
         with torch_malloc():
-            clusters, probs = predict(model, allc, batch_size=GPU_PREDICT_BATCH if gpu
-                                      else CPU_PREDICT_BATCH)
+            if getattr(model, "guided", False):  # named types and guide-map positions
+                from ..models import predict_guided
+
+                clusters, probs, emb = predict_guided(model, allc,
+                                                      batch_size=CPU_PREDICT_BATCH)
+                classes = model.classes
+            else:
+                clusters, probs = predict(model, allc, batch_size=GPU_PREDICT_BATCH if gpu
+                                          else CPU_PREDICT_BATCH)
     out: list[TileResult | TileFailure] = []
     i = 0
     ok_index = [j for j in range(len(segmented)) if j not in failed]
@@ -180,6 +192,12 @@ def classify_task(model_path: str | ModelRef | None, seed: tuple[int, ...], firs
         t["cluster"] = clusters[i : i + n].astype(np.int64)
         for c in range(probs.shape[1]):
             t[f"p_{c}"] = probs[i : i + n, c].astype(np.float32)
+        if classes:  # a guided model: the type's name, its probabilities, the map position
+            t["cell_type"] = np.asarray(classes, dtype=object)[clusters[i : i + n]].astype(str)
+            for c, name in enumerate(classes):
+                t[f"p_{name}"] = probs[i : i + n, c].astype(np.float32)
+            t["emb_x"] = emb[i : i + n, 0]
+            t["emb_y"] = emb[i : i + n, 1]
         rng = np.random.default_rng([*seed, first_tile + j])
         rows = np.sort(rng.choice(n, min(quota, n), replace=False)) if n else np.zeros(0, int)
         out.append((t, crops[rows], rows.astype(np.int64)))

@@ -4,6 +4,10 @@
 (:func:`sample_slide_crops`), a capped, seeded sample of their crops is gathered to one
 (GPU) worker, which trains the InfoGAN and writes the checkpoint, reporting its progress to
 the client on :data:`TRAIN_TOPIC`.
+
+:func:`train_guided_from_cohort`: labelled points (:func:`read_cell_labels`) are matched to
+the nuclei the census segments near them (:func:`labelled_slide_crops`, :func:`match_points`)
+and the matched crops train a guided embedding (Gräbel et al.) on one worker.
 """
 
 from __future__ import annotations
@@ -29,9 +33,16 @@ from .plan import CensusParams, cohort_stain_target, plan_slide, slide_lab_stats
 from .tasks import segment_tile_task
 
 __all__ = [
+    "LABEL_FILE_COLUMNS",
+    "MATCH_UM",
     "TRAIN_TOPIC",
+    "gather_labelled_crops",
+    "labelled_slide_crops",
+    "match_points",
+    "read_cell_labels",
     "sample_slide_crops",
     "train_from_cohort",
+    "train_guided_from_cohort",
 ]
 
 log = logging.getLogger(__name__)
@@ -299,3 +310,330 @@ def _cohort_style(client: Any, table: pd.DataFrame, params: CensusParams, config
              ", ".join(f"{v:.3f}" for v in target.lab_std), len(stats))
     return (replace(params, stain_norm=StainNorm("reinhard", target=target)),
             replace(config, crop_lab_target=(target.lab_mean, target.lab_std)))
+
+
+# ------------------------------------------------------------------ guided (labelled) training
+
+#: Columns a cell-label file may have: where (``path`` or ``slide_id``), the point, the label.
+LABEL_FILE_COLUMNS = ("path", "slide_id", "x_px", "y_px", "label")
+#: A point labels the nucleus under it, or else the nearest nucleus centroid within this.
+MATCH_UM = 5.0
+#: Tiles within this of a labelled point are segmented (a nucleus under the point may
+#: belong to a neighbouring tile's core).
+_REACH_UM = 20.0
+
+
+def read_cell_labels(path: str | os.PathLike, cohort: pd.DataFrame) -> pd.DataFrame:
+    """A cell-label file (QuPath-style points: ``path`` or ``slide_id``, ``x_px``, ``y_px``,
+    ``label``) as a table ``line, slide_id, x_px, y_px, label``, checked against the cohort.
+
+    Every problem is one line: unknown or missing columns, a point that is not a number,
+    an empty label, a slide the cohort does not hold.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError(f"{p}: no such label file")
+    try:
+        raw = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{p}: not a readable CSV file ({_one_line(str(exc))})"
+                                ) from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    unknown = [c for c in raw.columns if c not in LABEL_FILE_COLUMNS]
+    if unknown:
+        raise InvalidInputError(f"{p}: unknown column(s) {', '.join(unknown)}; expected "
+                                f"path or slide_id, x_px, y_px, label")
+    missing = [c for c in ("x_px", "y_px", "label") if c not in raw.columns]
+    if missing or not ({"path", "slide_id"} & set(raw.columns)):
+        need = missing + ([] if {"path", "slide_id"} & set(raw.columns)
+                          else ["path or slide_id"])
+        raise InvalidInputError(f"{p}: lacks column(s) {', '.join(need)}; expected path or "
+                                f"slide_id, x_px, y_px, label")
+    if raw.empty:
+        raise InvalidInputError(f"{p}: no labelled points")
+    out = pd.DataFrame({"line": np.arange(len(raw)) + 2})  # line 1 is the header
+    for c in ("x_px", "y_px"):
+        vals = pd.to_numeric(raw[c].str.strip(), errors="coerce")
+        bad = ~np.isfinite(vals.to_numpy(float))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InvalidInputError(f"{p}: line {i + 2}: {c} must be a number, got "
+                                    f"{raw[c].iloc[i]!r} ({int(bad.sum())} such lines)")
+        out[c] = vals.to_numpy(float)
+    out["label"] = raw["label"].str.strip().to_numpy()
+    empty = np.flatnonzero(out["label"].to_numpy() == "")
+    if len(empty):
+        raise InvalidInputError(f"{p}: line {empty[0] + 2}: empty label ({len(empty)} such "
+                                f"lines)")
+    by_id = set(cohort["slide_id"].astype(str))
+    by_path = {str(Path(v).resolve()): s for v, s in zip(cohort["path"], cohort["slide_id"],
+                                                          strict=True)}
+    sid = raw["slide_id"].str.strip() if "slide_id" in raw.columns else pd.Series([""] * len(raw))
+    if "path" in raw.columns:
+        via_path = [by_path.get(str((p.parent / v.strip()).resolve()) if v.strip() else "", "")
+                    for v in raw["path"]]
+        sid = pd.Series([s or v for s, v in zip(sid, via_path, strict=True)])
+    unknown_slides = sorted({(raw["path"].iloc[i] if "path" in raw.columns and not s else s)
+                             for i, s in enumerate(sid) if s not in by_id})
+    if unknown_slides:
+        shown = ", ".join(map(str, unknown_slides[:10]))
+        more = f" and {len(unknown_slides) - 10} more" if len(unknown_slides) > 10 else ""
+        raise InvalidInputError(f"{p}: labels name slide(s) not in the cohort: {shown}{more}")
+    out.insert(1, "slide_id", sid.to_numpy(str))
+    return out
+
+
+def match_points(points_xy: np.ndarray, cells: pd.DataFrame, max_dist_px: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nucleus each labelled point names: the one whose outline holds the point, else
+    the nearest centroid within ``max_dist_px``.
+
+    Parameters
+    ----------
+    points_xy : (n, 2) level-0 px (x, y).
+    cells : table with ``x_px, y_px``, ``bbox_x0, bbox_y0, bbox_x1, bbox_y1`` and, where
+        known, ``outline_px`` (flat x, y vertices, as :func:`~..nuclei.outlines.pack_outlines`).
+
+    Returns
+    -------
+    row : int64 (n,) row of ``cells``, -1 when unmatched.
+    how : str (n,) ``under``, ``nearest`` or ``""``.
+    dist_px : float64 (n,) distance to the matched centroid (NaN when unmatched).
+    """
+    from skimage.measure import points_in_poly
+
+    pts = np.asarray(points_xy, np.float64).reshape(-1, 2)
+    n = len(pts)
+    row, how, dist = np.full(n, -1, np.int64), np.full(n, "", object), np.full(n, np.nan)
+    if n == 0 or len(cells) == 0:
+        return row, how.astype(str), dist
+    cx, cy = cells["x_px"].to_numpy(float), cells["y_px"].to_numpy(float)
+    x0, y0 = cells["bbox_x0"].to_numpy(float), cells["bbox_y0"].to_numpy(float)
+    x1, y1 = cells["bbox_x1"].to_numpy(float), cells["bbox_y1"].to_numpy(float)
+    outlines = cells["outline_px"].to_numpy() if "outline_px" in cells else None
+    for i, (px, py) in enumerate(pts):
+        d = np.hypot(cx - px, cy - py)
+        inside = np.flatnonzero((px >= x0) & (px <= x1) & (py >= y0) & (py <= y1))
+        hits = []
+        for j in inside[np.argsort(d[inside])]:
+            verts = None if outlines is None else np.asarray(outlines[j], np.float64)
+            if verts is None or len(verts) < 6:  # no outline: the box holds it
+                hits.append(j)
+                break
+            if points_in_poly(np.array([[px, py]]), verts.reshape(-1, 2))[0]:
+                hits.append(j)
+                break
+        if hits:
+            row[i], how[i] = hits[0], "under"
+        else:
+            j = int(np.argmin(d))
+            if d[j] <= max_dist_px:
+                row[i], how[i] = j, "nearest"
+        if row[i] >= 0:
+            dist[i] = d[row[i]]
+    return row, how.astype(str), dist
+
+
+def labelled_slide_crops(path: str, mpp: float | None, params: CensusParams,
+                         points_xy: np.ndarray) -> dict[str, Any]:
+    """Segment the tiles of one slide near its labelled points and cut the matched nuclei's
+    crops (the census' own segmentation and crops); runs on a worker.
+
+    Returns ``crops`` (m, 32, 32, 3) of the matched points, and per point ``row`` (its
+    index among the crops, -1 when unmatched), ``how`` and ``dist_um``.
+
+    Raises InvalidInputError when a point lies outside the image.
+    """
+    plan = plan_slide(path, mpp, params)
+    pts = np.asarray(points_xy, np.float64).reshape(-1, 2)
+    h, w = plan.shape
+    out_of = np.flatnonzero((pts[:, 0] < 0) | (pts[:, 1] < 0) | (pts[:, 0] >= w)
+                            | (pts[:, 1] >= h))
+    if len(out_of):
+        x, y = pts[out_of[0]]
+        raise InvalidInputError(f"{path}: labelled point ({x:g}, {y:g}) lies outside the "
+                                f"image ({w} x {h} px; {len(out_of)} such points)")
+    reach = _REACH_UM / plan.mpp
+    tables, crops = [], []
+    for t in plan.tiles:
+        near = ((pts[:, 0] >= t.x - reach) & (pts[:, 0] < t.x + t.w + reach)
+                & (pts[:, 1] >= t.y - reach) & (pts[:, 1] < t.y + t.h + reach))
+        if near.any():
+            table, c = segment_tile_task(path, mpp, plan.mpp, t, plan.stain,
+                                         replace(params, outlines=True))
+            tables.append(table)
+            crops.append(c)
+    cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    allc = np.concatenate(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    row, how, dist = match_points(pts, cells, MATCH_UM / plan.mpp)
+    why = f"no nucleus within {MATCH_UM:g} µm" if tables else "no tissue tile at the point"
+    how = np.where(row < 0, why, how)
+    matched = np.flatnonzero(row >= 0)
+    index = np.full(len(pts), -1, np.int64)
+    index[matched] = np.arange(len(matched))
+    return {"crops": allc[row[matched]], "row": index, "how": how.astype(str),
+            "dist_um": dist * plan.mpp}
+
+
+def gather_labelled_crops(client: Any, table: pd.DataFrame, labels: pd.DataFrame,
+                          params: CensusParams) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Crops and labels of every matched point of ``labels`` (from
+    :func:`read_cell_labels`), and a report of every point (``matched``, ``how``,
+    ``dist_um``; unmatched points say why). Slides that fail to open are skipped: their
+    points are reported unmatched with the reason; a point outside its image raises."""
+    rows = table.set_index(table["slide_id"].astype(str))
+    futs = {}
+    for sid, grp in labels.groupby("slide_id", sort=False):
+        r = rows.loc[sid]
+        futs[sid] = client.submit(labelled_slide_crops, r["path"], _row_mpp(r), params,
+                                  grp[["x_px", "y_px"]].to_numpy(float), pure=False)
+    report = labels.copy()
+    report["matched"], report["how"], report["dist_um"] = False, "", np.nan
+    crops, names = [], []
+    for sid, fut in futs.items():
+        idx = labels.index[labels["slide_id"] == sid]
+        exc = fut.exception(timeout=None)
+        if isinstance(exc, InvalidInputError):
+            raise exc
+        if exc is not None:
+            log.warning("%s: skipped for training: %s", sid, _one_line(exc))
+            report.loc[idx, "how"] = f"slide unreadable: {_one_line(exc)}"
+            continue
+        res = fut.result()
+        ok = res["row"] >= 0
+        report.loc[idx, "matched"] = ok
+        report.loc[idx, "how"] = res["how"]
+        report.loc[idx, "dist_um"] = res["dist_um"]
+        crops.append(res["crops"])
+        names.extend(labels.loc[idx[ok], "label"].tolist())
+    allc = np.concatenate(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    return allc, np.asarray(names, dtype=str), report
+
+
+def _guided_task(model_out: str, crops: np.ndarray, names: np.ndarray, config: Any,
+                 guide: Any) -> str:
+    """Train the guided model on one worker, reporting each epoch on :data:`TRAIN_TOPIC`."""
+    import torch
+
+    from ..models.guided import train_guided
+    from .modelfiles import cache_dir, publish_model
+    from .tasks import torch_malloc
+
+    def progress(rec: dict[str, Any]) -> None:
+        log.info("training epoch %d/%d: loss %.3f, validation macro F1 %.3f", rec["epoch"],
+                 rec["total"], rec["loss"], rec["val_macro_f1"])
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(TRAIN_TOPIC, {"iteration": rec["epoch"],
+                                                 "total": rec["total"], **rec})
+        except ValueError:  # not running on a worker
+            pass
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(_training_threads())
+    try:
+        with torch_malloc():
+            target = model_out
+            if is_url(model_out):
+                target = str(cache_dir() / f"guided-{os.getpid()}.pt")
+            train_guided(crops, names, config, guide, target, progress=progress)
+            if is_url(model_out):
+                publish_model(target, model_out)
+                Path(target).unlink()
+            return model_out
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_guided_from_cohort(
+    cohort: str | os.PathLike | pd.DataFrame,
+    labels: str | os.PathLike,
+    model_out: str | os.PathLike,
+    *,
+    guide: str | os.PathLike | None = None,
+    client: Any | None = None,
+    cluster: str = "local",
+    params: CensusParams | None = None,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+    unmatched_out: str | os.PathLike | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[Path | str, pd.DataFrame]:
+    """Train a guided model (Gräbel et al.) from labelled points of the cohort's slides.
+
+    Each point of ``labels`` (see :func:`read_cell_labels`) names the segmented nucleus
+    under it, or the nearest one within :data:`MATCH_UM`; points left unmatched are logged
+    with their reason and written to ``unmatched_out`` (default: ``<model>.unmatched.csv``
+    beside a local model) — never silently dropped. Labels the guide (``guide``, default
+    the haematopoietic one) does not place are refused in one line before any work.
+    ``settings`` overrides fields of :class:`~slidecensus.models.GuidedConfig`.
+
+    Returns the checkpoint's location and the per-point report.
+    """
+    from ..models.guided import GuidedConfig, check_labels, load_guide
+
+    params = params or CensusParams()
+    table = cohort if isinstance(cohort, pd.DataFrame) else read_cohort(cohort)
+    points = read_cell_labels(labels, table)
+    g = load_guide(guide)
+    check_labels(points["label"].unique().tolist(), g)
+    config = GuidedConfig(seed=seed, **(settings or {}))
+    params = replace(params.with_model_crops(config.crop_spec()), outlines=False)
+    if client is None:
+        from ..cluster import get_client
+
+        with get_client(cluster) as c:
+            return train_guided_from_cohort(table, labels, model_out, guide=guide, client=c,
+                                            params=params, seed=seed, settings=settings,
+                                            unmatched_out=unmatched_out, progress=progress)
+    config = replace(config, stain_norm=params.stain_norm.describe())
+    if progress is not None:
+        progress(Progress("sample", 0, int(points["slide_id"].nunique()),
+                          dashboard=getattr(client, "dashboard_link", None)))
+    crops, names, report = gather_labelled_crops(client, table, points, params)
+    bad = report[~report["matched"]]
+    log.info("%d of %d labelled points matched a nucleus (%d unmatched)", len(report) - len(bad),
+             len(report), len(bad))
+    if len(bad):
+        where = unmatched_out
+        if where is None and not is_url(model_out):
+            where = Path(str(model_out) + ".unmatched.csv")
+        if where is not None:
+            Path(where).parent.mkdir(parents=True, exist_ok=True)
+            bad.to_csv(where, index=False)
+        for _, r in bad.head(10).iterrows():
+            log.warning("unmatched label line %d (%s at %g, %g, %s): %s", r["line"],
+                        r["slide_id"], r["x_px"], r["y_px"], r["label"], r["how"])
+        if where is not None:
+            log.warning("%d unmatched labelled points listed in %s", len(bad), where)
+    if len(set(names.tolist())) < 2:
+        raise InvalidInputError(f"only {len(names)} labelled points matched a nucleus, of "
+                                f"{len(set(names.tolist()))} type(s); training needs two or "
+                                f"more types")
+    if progress is not None:
+        progress(Progress("sample", int(points["slide_id"].nunique()),
+                          int(points["slide_id"].nunique()), cells=len(names)))
+    if is_url(model_out):
+        target = str(model_out)
+    else:
+        Path(model_out).parent.mkdir(parents=True, exist_ok=True)
+        target = str(Path(model_out).resolve())
+    client.subscribe_topic(TRAIN_TOPIC, functools.partial(_show_guided, progress=progress))
+    try:
+        result = client.submit(_guided_task, target, crops, names, config, g,
+                               pure=False).result()
+    finally:
+        client.unsubscribe_topic(TRAIN_TOPIC)
+    return (result if is_url(result) else Path(result)), report
+
+
+def _show_guided(event: tuple[float, dict], progress: ProgressCallback | None = None) -> None:
+    rec = event[1]
+    detail = (f"epoch {rec['iteration']}/{rec['total']} loss {rec.get('loss', 0):.3f} "
+              f"val macro F1 {rec.get('val_macro_f1', 0):.3f}")
+    if progress is None:
+        log.info("training: %s", detail)
+    else:
+        progress(Progress("train", int(rec["iteration"]), int(rec["total"]), unit="epochs",
+                          detail=detail))

@@ -147,6 +147,9 @@ def parse_guide(text: str, source: str = "<guide>") -> Guide:
         raise InvalidInputError(f"{source}: needs [types.NAME] tables with x and y")
     points = []
     for name, entry in types.items():
+        if str(name).strip().isdigit() or not str(name).strip():
+            raise InvalidInputError(f"{source}: types.{name}: a type name must not be a "
+                                    f"number (p_<number> columns are cluster ids)")
         if not isinstance(entry, dict):
             raise InvalidInputError(f"{source}: types.{name} must be a table with x and y")
         unknown = sorted(set(entry) - {"x", "y", "lineage", "maturity"})
@@ -318,6 +321,10 @@ class GuidedConfig:
 
     ``loss`` is ``guided`` (L_guide2D + distance loss, growing embeddings) or ``ce``
     (cross-entropy on a linear layer over the same embedding: the baseline).
+    An epoch is one pass over the training cells, or ``min_steps_per_epoch`` batches
+    when that is more (a few hundred labels: several augmented passes per epoch). With
+    ``tta`` the final embeddings (head fit, census) average the crop's 8 rotations and
+    mirror images.
     ``classes`` is the class order; ``guide`` the guide restricted to them (as a dict).
     ``crop_mode`` / ``crop_window_um`` / ``stain_norm`` say how the crops were cut, so the
     census cuts them the same way.
@@ -335,6 +342,8 @@ class GuidedConfig:
     w_guide: float = 1.0
     w_dist: float = 1.0
     val_fraction: float = 0.2
+    min_steps_per_epoch: int = 25
+    tta: bool = True
     heads: tuple[str, ...] = ("knn1", "knn5", "knn11", "linear", "mlp")
     seed: int = 0
     amp_cpu: bool = True
@@ -472,15 +481,26 @@ def _mask(n_active: int, n_max: int) -> torch.Tensor:
     return m
 
 
+def _dihedral(x: torch.Tensor, i: int) -> torch.Tensor:
+    """The ``i``-th (0-7) of the 8 rotations and mirror images of a batch (B, C, H, W)."""
+    x = torch.rot90(x, i % 4, dims=(2, 3))
+    return x.flip(3) if i >= 4 else x
+
+
 def _embed(net: GuidedNet, crops: np.ndarray, n_active: int, amp: bool,
-           batch_size: int = 512) -> torch.Tensor:
-    """Embeddings of uint8 crops in eval mode, inactive dimensions zero (float32, CPU)."""
+           batch_size: int = 512, tta: bool = False) -> torch.Tensor:
+    """Embeddings of uint8 crops in eval mode, inactive dimensions zero (float32, CPU);
+    with ``tta`` the mean over the crop's 8 rotations and mirror images (a cell's type does
+    not depend on the slide's orientation)."""
     net.eval()
     mask = _mask(n_active, net.embed[-1].out_features)
     parts = []
     with torch.no_grad(), _autocast(amp):
         for s in range(0, len(crops), batch_size):
-            parts.append(net(_to_input(crops[s:s + batch_size])).float() * mask)
+            x = _to_input(crops[s:s + batch_size])
+            views = range(8) if tta else range(1)
+            e = torch.stack([net(_dihedral(x, i)).float() for i in views]).mean(0)
+            parts.append(e * mask)
     return torch.cat(parts) if parts else torch.zeros(0, len(mask))
 
 
@@ -527,7 +547,8 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
                         n_cls if config.loss == "ce" else 0)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * max(1, -(-len(tr) // config.batch_size))
+    per_epoch = max(-(-len(tr) // config.batch_size), config.min_steps_per_epoch)
+    steps = config.epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps,
                                                 pct_start=0.15)
     spec = AugmentSpec()
@@ -539,9 +560,12 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
         n_act = config.n_max if config.loss == "ce" else active_dims(epoch, config.n_max)
         mask = _mask(n_act, config.n_max)
         net.train()
-        perm = rng.permutation(len(tr))
+        # enough passes over a small label set for ``per_epoch`` batches (each pass is
+        # seen under new augmentations); the last short batch of a pass is dropped
+        reps = -(-per_epoch * config.batch_size // len(tr))
+        perm = np.concatenate([rng.permutation(len(tr)) for _ in range(reps)])
         total, nb = 0.0, 0
-        for s in range(0, len(perm) - 1, config.batch_size):
+        for s in range(0, per_epoch * config.batch_size, config.batch_size):
             b = perm[s:s + config.batch_size]
             if len(b) < 2:
                 continue
@@ -576,11 +600,11 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
         history.append(rec)
         if progress is not None:
             progress(dict(rec))
-        if f1 > best[0]:
+        if f1 >= best[0]:  # ties: the later epoch (further along its schedule)
             best = (f1, epoch + 1, copy.deepcopy(net.state_dict()), n_act)
     net.load_state_dict(best[2])
     n_act = best[3]
-    e_all = _embed(net, crops, n_act, config.amp_cpu)
+    e_all = _embed(net, crops, n_act, config.amp_cpu, tta=config.tta)
     yall = torch.from_numpy(y)
     heads = [h for h in config.heads if h != "softmax" or config.loss == "ce"]
     scores = {}
@@ -595,7 +619,7 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
                "head_scores": scores, "dims": n_act, "n_train": len(tr), "n_val": len(va),
                "class_counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
                "history": history, "time_s": time.perf_counter() - t0,
-               "seed": config.seed, "torch": torch.__version__}
+               "seed": config.seed, "torch": str(torch.__version__)}
     net.eval().requires_grad_(False)
     model = GuidedModel(config, summary, net, head, n_act, torch.device("cpu"))
     if out is not None:
@@ -673,7 +697,7 @@ def predict_guided(model: GuidedModel, crops: np.ndarray, batch_size: int = 512
                 np.zeros((0, 2), np.float32))
     with model.lock:
         emb = _embed(model.net, crops.astype(np.uint8, copy=False), model.dims,
-                     model.config.amp_cpu, batch_size)
+                     model.config.amp_cpu, batch_size, tta=model.config.tta)
         with torch.no_grad():
             probs = _head_proba(model.head, emb, model.k, model.net).float().numpy()
     return probs.argmax(1).astype(np.int64), probs.astype(np.float32), \

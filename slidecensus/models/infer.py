@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .networks import CriticHead, QHead, build_generator, build_trunk, trunk_dim
 from .train import TrainConfig, resolve_device, to_model_input, validate_crops
 
@@ -85,11 +85,12 @@ _CACHE: dict[tuple[str, int, str], CellModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None) -> CellModel:
+def load_model(path: str | Path, device: str | torch.device | None = None) -> Any:
     """Load a checkpoint once per process and device; later calls return the same object.
 
     The cache key includes the file's modification time, so a retrained model at the same
-    path is reloaded.
+    path is reloaded. An InfoGAN checkpoint gives a :class:`CellModel`, a guided one
+    (``slidecensus.guided``) a :class:`~.guided.GuidedModel` (always on the CPU).
 
     Raises
     ------
@@ -103,9 +104,21 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Ce
     with _CACHE_LOCK:
         model = _CACHE.get(key)
         if model is None:
-            model = CellModel.from_checkpoint(path, dev)
+            model = _from_checkpoint(path, dev)
             _CACHE[key] = model
     return model
+
+
+def _from_checkpoint(path: Path, dev: torch.device) -> Any:
+    """The model of either kind of cell-model checkpoint, told apart by its format."""
+    from .guided import GUIDED_FORMAT, GuidedModel
+
+    try:
+        return CellModel.from_checkpoint(path, dev)
+    except CheckpointError as exc:
+        if f"found {GUIDED_FORMAT!r}" not in exc.reason:
+            raise
+    return GuidedModel.from_checkpoint(path)
 
 
 def _autocast(model: CellModel) -> contextlib.AbstractContextManager:
@@ -143,6 +156,10 @@ def predict(model: CellModel, crops: np.ndarray,
         Rows sum to 1.
     """
     crops = np.asarray(crops)
+    if getattr(model, "guided", False):  # a guided model: its head's class probabilities
+        from .guided import predict_guided
+
+        return predict_guided(model, crops, batch_size=min(batch_size, 1024))[:2]
     if len(crops) == 0 and crops.shape[1:] == (32, 32, 3):
         return np.zeros(0, np.int64), np.zeros((0, model.k), np.float32)
     crops = validate_crops(crops)

@@ -89,7 +89,9 @@ def make_gallery(run: str | RunResults, *, model: str | None = None, per_cluster
     clusters_all = np.concatenate(clusters) if clusters else np.zeros(0, np.int64)
     picks = sample_by_cluster(clusters_all, k, per_cluster, seed)
     model = model or res.model_path()
-    gen = _generated(model, generated, seed) if model and generated > 0 else None
+    # a guided model has no generator: its rows are named by the model's types
+    gen = (_generated(model, generated, seed) if model and generated > 0 and not res.guided
+           else None)
     if gen is not None and len(gen) != k:
         raise InvalidInputError(f"model {model} has {len(gen)} codes but the run has {k} "
                                 f"clusters")
@@ -130,7 +132,7 @@ def make_gallery(run: str | RunResults, *, model: str | None = None, per_cluster
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     res.out.write_bytes("gallery.png", buf.getvalue())
-    if not res.out.exists(CLUSTER_FILE):
+    if not res.guided and not res.out.exists(CLUSTER_FILE):
         res.out.write_bytes(CLUSTER_FILE, template_text(k, shares.tolist()).encode())
         log.info("wrote a %s template: name the clusters there", CLUSTER_FILE)
     return res.out.path("gallery.png")

@@ -1,0 +1,211 @@
+"""Guided embeddings (Gräbel et al.) on the labelled blood cells: 5-fold CV, measured.
+
+    python -m benchmarks.bench_guided crops            # cache the census' crops in /tmp
+    python -m benchmarks.bench_guided cv [--epochs 30] [--methods guided,ce]
+    python -m benchmarks.bench_guided stability        # Procrustes distance of two seeds
+
+The 1200 images of ../shared/data/blood-cells are slides at 0.1 µm/px, each labelled at its
+centre point (w/2, h/2), as ``bench_cellmodel.py blood`` treats them. ``crops`` runs the
+census' own planning, segmentation, point matching and crop cutting
+(:func:`slidecensus.engine.train.labelled_slide_crops`, the code behind ``slidecensus
+train --labels``) on every image, without Dask, and caches the matched crops; ``cv`` then
+trains :func:`slidecensus.models.train_guided` on 4/5 of them (its own stratified
+validation split inside) and scores the held-out fifth, for each method. Unmatched images
+(no nucleus within 5 µm of the centre) count as errors in the "all images" scores.
+Torch runs with one thread. Results: docs/benchmarks.md, "Guided embeddings".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import write_results  # noqa: E402
+
+BLOOD = ROOT.parent / "shared" / "data" / "blood-cells"
+CACHE = Path(os.environ.get("SLIDECENSUS_BENCH_CACHE", "/tmp/slidecensus-bench"))
+BLOOD_MPP = 0.1
+CROPS = CACHE / "guided-crops.npz"
+
+
+def cmd_crops(args: argparse.Namespace) -> dict:
+    import pandas as pd
+    from PIL import Image
+
+    from slidecensus.engine.plan import CensusParams
+    from slidecensus.engine.train import labelled_slide_crops
+    from slidecensus.models import GuidedConfig
+
+    labels = pd.read_csv(BLOOD / "labels.csv")
+    params = CensusParams().with_model_crops(GuidedConfig().crop_spec())
+    crops = np.full((len(labels), 32, 32, 3), 255, np.uint8)
+    matched = np.zeros(len(labels), bool)
+    how = []
+    t0 = time.perf_counter()
+    for i, rel in enumerate(labels["path"]):
+        path = str(BLOOD / rel)
+        with Image.open(path) as im:
+            w, h = im.size
+        res = labelled_slide_crops(path, BLOOD_MPP, params, np.array([[w / 2, h / 2]]))
+        how.append(str(res["how"][0]))
+        if res["row"][0] >= 0:
+            crops[i] = res["crops"][0]
+            matched[i] = True
+        if i % 100 == 0:
+            print(f"{i}/{len(labels)} {time.perf_counter() - t0:.0f} s", flush=True)
+    CROPS.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(CROPS, crops=crops, matched=matched,
+                        labels=labels["cell_type"].to_numpy(str), how=np.array(how))
+    res = {"images": len(labels), "matched": int(matched.sum()),
+           "under": how.count("under"), "nearest": how.count("nearest"),
+           "seconds": time.perf_counter() - t0}
+    print(json.dumps(res))
+    return res
+
+
+def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Stratified fold number of each sample."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = np.arange(len(idx)) % k
+    return fold
+
+
+def _load():
+    d = np.load(CROPS)
+    return d["crops"], d["matched"], d["labels"]
+
+
+def _scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    from slidecensus.models.guided import f1_scores
+
+    ti = np.searchsorted(classes, y_true)
+    pi = np.array([classes.index(p) if p in classes else -1 for p in y_pred])
+    f = f1_scores(ti, pi, len(classes))
+    return {"macro_f1": float(np.nanmean(f)), "accuracy": float(np.mean(ti == pi)),
+            "per_type_f1": {c: round(float(v), 3) for c, v in zip(classes, f, strict=True)}}
+
+
+def cmd_cv(args: argparse.Namespace) -> dict:
+    import torch
+
+    from slidecensus.models import GuidedConfig, predict_guided, train_guided
+
+    torch.set_num_threads(1)
+    crops, matched, labels = _load()
+    classes = sorted(set(labels.tolist()))
+    fold = _folds(labels, 5, 0)
+    out: dict = {"images": len(labels), "matched": int(matched.sum()), "epochs": args.epochs,
+                 "methods": {}}
+    for method in args.methods.split(","):
+        loss, amp = method.split("-")[0], not method.endswith("-fp32")
+        pred = np.array([""] * len(labels), dtype=object)
+        emb = np.full((len(labels), 2), np.nan)
+        info = []
+        t0 = time.perf_counter()
+        for f in range(args.folds):
+            tr = np.flatnonzero((fold != f) & matched)
+            te = np.flatnonzero((fold == f) & matched)
+            cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp,
+                               width=args.width, tta=not args.no_tta)
+            m = train_guided(crops[tr], labels[tr], cfg)
+            cls, _, e2 = predict_guided(m, crops[te])
+            pred[te] = np.array(m.classes)[cls]
+            emb[te] = e2
+            info.append({"fold": f, "head": m.summary["head"], "best_epoch":
+                         m.summary["best_epoch"], "val_macro_f1": round(
+                             m.summary["val_macro_f1"], 3), "train_s": round(
+                             m.summary["time_s"], 1)})
+            print(method, info[-1], flush=True)
+        done = np.array([p != "" for p in pred])
+        run = fold < args.folds  # the images of the folds run
+        res = {"matched_only": _scores(labels[done], pred[done], classes),
+               "all_images": _scores(labels[run], np.where(done, pred, "unmatched")[run],
+                                     classes),
+               "folds": info, "minutes": round((time.perf_counter() - t0) / 60, 1)}
+        if loss == "guided":
+            res["intra_class_variance"] = _intra(emb[done], labels[done], classes)
+        out["methods"][method] = res
+        print(method, json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)
+    return out
+
+
+def _intra(emb: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    """Mean squared distance of held-out 2-D embeddings to their class mean, per type and
+    averaged, and the same relative to the mean squared distance between class means."""
+    per = {c: float(np.mean(np.sum((emb[y == c] - emb[y == c].mean(0)) ** 2, 1)))
+           for c in classes}
+    means = np.stack([emb[y == c].mean(0) for c in classes])
+    between = float(np.mean(np.sum((means - means.mean(0)) ** 2, 1)))
+    mean = float(np.mean(list(per.values())))
+    return {"mean": round(mean, 3), "between_class_means": round(between, 3),
+            "ratio": round(mean / between, 3), "per_type": {k: round(v, 3) for k, v in
+                                                             per.items()}}
+
+
+def procrustes_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Procrustes disparity of two (n, 2) point sets: both centred and scaled to unit norm,
+    ``b`` optimally rotated (and reflected) onto ``a``; 0 = same shape, 1 = unrelated."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    a = a / np.linalg.norm(a)
+    b = b / np.linalg.norm(b)
+    s = np.linalg.svd(a.T @ b, compute_uv=False)
+    return float(1 - s.sum() ** 2)
+
+
+def cmd_stability(args: argparse.Namespace) -> dict:
+    import torch
+
+    from slidecensus.models import GuidedConfig, predict_guided, train_guided
+
+    torch.set_num_threads(1)
+    crops, matched, labels = _load()
+    fold = _folds(labels, 5, 0)
+    tr = np.flatnonzero((fold != 0) & matched)
+    te = np.flatnonzero((fold == 0) & matched)
+    embs, preds = [], []
+    for seed in (1, 2):
+        m = train_guided(crops[tr], labels[tr], GuidedConfig(epochs=args.epochs, seed=seed))
+        cls, _, e2 = predict_guided(m, crops[te])
+        embs.append(e2.astype(np.float64))
+        preds.append(cls)
+    raw = float(np.mean(np.linalg.norm(embs[0] - embs[1], axis=1)))
+    res = {"test_cells": len(te), "procrustes_disparity": round(procrustes_distance(*embs), 4),
+           "mean_point_distance_guide_units": round(raw, 3),
+           "agreement_of_classes": round(float(np.mean(preds[0] == preds[1])), 3)}
+    print(json.dumps(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("crops")
+    s = sub.add_parser("cv")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--width", type=int, default=32)
+    s.add_argument("--folds", type=int, default=5, help="folds run (of 5)")
+    s.add_argument("--no-tta", action="store_true", help="no 8-view test-time averaging")
+    s.add_argument("--methods", default="guided,ce",
+                   help="guided, ce, guided-fp32, ce-fp32 (comma-separated)")
+    s = sub.add_parser("stability")
+    s.add_argument("--epochs", type=int, default=30)
+    args = p.parse_args(argv)
+    res = {"crops": cmd_crops, "cv": cmd_cv, "stability": cmd_stability}[args.cmd](args)
+    write_results(f"guided_{args.cmd}", res)
+
+
+if __name__ == "__main__":
+    main()
