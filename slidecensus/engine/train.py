@@ -510,6 +510,11 @@ def gather_labelled_crops(client: Any, table: pd.DataFrame, labels: pd.DataFrame
     return allc, np.asarray(names, dtype=str), report
 
 
+#: Torch threads of the guided training: its network is small, so a second thread gains
+#: little and, on a busy 2-core machine, made each epoch 2x slower (OpenMP waits).
+GUIDED_THREADS = 1
+
+
 def _guided_task(model_out: str, crops: np.ndarray, names: np.ndarray, config: Any,
                  guide: Any) -> str:
     """Train the guided model on one worker, reporting each epoch on :data:`TRAIN_TOPIC`."""
@@ -531,7 +536,7 @@ def _guided_task(model_out: str, crops: np.ndarray, names: np.ndarray, config: A
             pass
 
     before = torch.get_num_threads()
-    torch.set_num_threads(_training_threads())
+    torch.set_num_threads(min(_training_threads(), GUIDED_THREADS))
     try:
         with torch_malloc():
             target = model_out

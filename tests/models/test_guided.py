@@ -20,13 +20,11 @@ from slidecensus.models.guided import (
     f1_scores,
     guide2d_loss,
     load_guide,
-    parse_guide,
     predict_guided,
     stratified_split,
     train_guided,
 )
 from slidecensus.weightsfile import CheckpointError
-
 
 # ------------------------------------------------------------------ losses, by hand
 
@@ -193,7 +191,7 @@ def test_cross_entropy_baseline_trains(tmp_path):
     crops, names = _discs(120, 2)
     model = train_guided(crops, names, GuidedConfig(loss="ce", epochs=2, width=8,
                                                     heads=("softmax", "knn1")))
-    cls, probs, _ = predict_guided(model, crops[:10])
+    _, probs, _ = predict_guided(model, crops[:10])
     assert probs.shape == (10, 3) and model.summary["head"] in ("softmax", "knn1")
 
 
