@@ -118,7 +118,8 @@ def cmd_cv(args: argparse.Namespace) -> dict:
             tr = np.flatnonzero((fold != f) & matched)
             te = np.flatnonzero((fold == f) & matched)
             cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp,
-                               width=args.width, tta=not args.no_tta)
+                               width=args.width, tta=not args.no_tta,
+                               w_rest=args.w_rest, w_dist=args.w_dist)
             m = train_guided(crops[tr], labels[tr], cfg)
             cls, _, e2 = predict_guided(m, crops[te])
             pred[te] = np.array(m.classes)[cls]
@@ -198,13 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--width", type=int, default=32)
     s.add_argument("--folds", type=int, default=5, help="folds run (of 5)")
     s.add_argument("--no-tta", action="store_true", help="no 8-view test-time averaging")
+    s.add_argument("--w-rest", type=float, default=1.0,
+                   help="weight of L_guide2D's norm of the dimensions beyond two")
+    s.add_argument("--w-dist", type=float, default=1.0, help="weight of the distance loss")
+    s.add_argument("--tag", default="", help="suffix of the results file")
     s.add_argument("--methods", default="guided,ce",
                    help="guided, ce, guided-fp32, ce-fp32 (comma-separated)")
     s = sub.add_parser("stability")
     s.add_argument("--epochs", type=int, default=30)
     args = p.parse_args(argv)
     res = {"crops": cmd_crops, "cv": cmd_cv, "stability": cmd_stability}[args.cmd](args)
-    write_results(f"guided_{args.cmd}", res)
+    write_results(f"guided_{args.cmd}{getattr(args, 'tag', '')}", res)
 
 
 if __name__ == "__main__":

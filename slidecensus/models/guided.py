@@ -216,9 +216,11 @@ def active_dims(epoch: int, n_max: int) -> int:
     return min(max(int(epoch), 2), n_max)
 
 
-def guide2d_loss(emb: torch.Tensor, target_xy: torch.Tensor) -> torch.Tensor:
-    """L_guide2D: mean L1 distance of the first two dimensions to the guide points, plus the
-    mean Euclidean norm of the remaining dimensions (kept small, so the map stays 2-D).
+def guide2d_loss(emb: torch.Tensor, target_xy: torch.Tensor,
+                 rest_weight: float = 1.0) -> torch.Tensor:
+    """L_guide2D: mean L1 distance of the first two dimensions to the guide points, plus
+    ``rest_weight`` times the mean Euclidean norm of the remaining dimensions (kept small,
+    so the map stays 2-D).
 
     ``emb`` (B, n) with n >= 2 (inactive dimensions already zero), ``target_xy`` (B, 2).
     """
@@ -227,7 +229,7 @@ def guide2d_loss(emb: torch.Tensor, target_xy: torch.Tensor) -> torch.Tensor:
     norm = rest.pow(2).sum(dim=1).add(1e-12).sqrt() if rest.shape[1] else torch.zeros_like(l1)
     if rest.shape[1]:
         norm = torch.where(rest.abs().sum(dim=1) > 0, norm, torch.zeros_like(norm))
-    return l1.mean() + norm.mean()
+    return l1.mean() + rest_weight * norm.mean()
 
 
 def _pairwise(x: torch.Tensor) -> torch.Tensor:
@@ -341,6 +343,7 @@ class GuidedConfig:
     weight_decay: float = 1e-4
     w_guide: float = 1.0
     w_dist: float = 1.0
+    w_rest: float = 1.0
     val_fraction: float = 0.2
     min_steps_per_epoch: int = 25
     tta: bool = True
@@ -578,7 +581,7 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
                 loss = F.cross_entropy(net.logits(emb), yb)
             else:
                 t = gxy[yb]
-                loss = (config.w_guide * guide2d_loss(emb, t)
+                loss = (config.w_guide * guide2d_loss(emb, t, config.w_rest)
                         + config.w_dist * distance_loss(emb, t))
             opt.zero_grad(set_to_none=True)
             loss.backward()

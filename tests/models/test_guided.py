@@ -37,6 +37,8 @@ def test_guide2d_loss_hand_computed():
     assert guide2d_loss(emb, target).item() == pytest.approx(5.0)
     # two dimensions only: no rest term
     assert guide2d_loss(emb[:, :2], target).item() == pytest.approx(2.5)
+    # the rest term weighted: 2.5 + 0.1 * 2.5
+    assert guide2d_loss(emb, target, rest_weight=0.1).item() == pytest.approx(2.75)
 
 
 def test_guide2d_loss_gradient_is_finite_at_zero_rest():
