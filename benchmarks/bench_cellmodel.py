@@ -118,6 +118,7 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     import torch
 
     from slidecensus.models import CellModel, predict, preset_config
+    from slidecensus.models.networks import ColourHistogram
     from slidecensus.models.train import InfoGANTrainer, _RealBatches, build_networks
 
     rng = np.random.default_rng(0)
@@ -129,7 +130,8 @@ def cmd_speed(args: argparse.Namespace) -> dict:
             nets = build_networks(cfg)
             mods = [nets[n].eval().requires_grad_(False) for n in ("G", "D_trunk", "D_head",
                                                                     "Q_head")]
-            model = CellModel(cfg, {}, *mods, device=torch.device("cpu"))
+            model = CellModel(cfg, {}, *mods, device=torch.device("cpu"),
+                              colour=ColourHistogram() if cfg.q_colour else None)
             torch.set_num_threads(1)
             n = args.n if preset == "fast" else max(256, args.n // 32)
             predict(model, crops[:256], batch_size=256)

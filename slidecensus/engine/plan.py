@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, SlideReadError
+from ..nuclei.crops import CROP_MODES
 from ..nuclei.normalize import StainNorm, StainTarget, fit_normalizer
 from ..nuclei.segment import DEFAULT_MPP, SegmentParams, stain_sample
 from ..nuclei.stain import StainModel, estimate_stain_model
@@ -75,8 +76,8 @@ class CensusParams:
                                     f"{self.region_um!r}")
         if not 8 <= self.crop_size <= 256:
             raise InvalidInputError(f"crop_size must be from 8 to 256 px, got {self.crop_size}")
-        if self.crop_mode not in ("", "nucleus", "box", "window"):
-            raise InvalidInputError(f"crop_mode must be nucleus, box or window, got "
+        if self.crop_mode not in ("", *CROP_MODES):
+            raise InvalidInputError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got "
                                     f"{self.crop_mode!r}")
         if not (math.isfinite(self.crop_window_um) and self.crop_window_um > 0):
             raise InvalidInputError(f"crop_window_um must be a positive number of µm, got "

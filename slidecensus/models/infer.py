@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .networks import CriticHead, QHead, build_generator, build_trunk, trunk_dim
+from .networks import (
+    ColourHistogram,
+    CriticHead,
+    QHead,
+    build_generator,
+    build_trunk,
+    q_input,
+    q_input_dim,
+    trunk_dim,
+)
 from .train import TrainConfig, resolve_device, to_model_input, validate_crops
 
 __all__ = ["CellModel", "d_features", "generation_grid", "load_model", "predict",
@@ -44,6 +53,8 @@ class CellModel:
     generator, trunk, d_head, q_head : torch.nn.Module
         The networks, in eval mode, on ``device``.
     device : torch.device
+    colour : ColourHistogram or None
+        The fixed colour branch of Q's input (``config.q_colour``).
     """
 
     config: TrainConfig
@@ -53,6 +64,7 @@ class CellModel:
     d_head: CriticHead
     q_head: QHead
     device: torch.device
+    colour: ColourHistogram | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -75,10 +87,12 @@ class CellModel:
         trunk.load_state_dict(w["D_trunk"])
         d_head = CriticHead(dim)
         d_head.load_state_dict(w["D_head"])
-        q_head = QHead(dim, cfg.k, norm=cfg.q_norm)
+        q_head = QHead(q_input_dim(cfg.arch, cfg.width, cfg.q_colour), cfg.k,
+                       norm=cfg.q_norm, hidden=dim)
         q_head.load_state_dict(w["Q_head"])
         mods = [m.to(dev).eval().requires_grad_(False) for m in (g, trunk, d_head, q_head)]
-        return cls(cfg, data["summary"], *mods, device=dev)
+        colour = ColourHistogram().to(dev) if cfg.q_colour else None
+        return cls(cfg, data["summary"], *mods, device=dev, colour=colour)
 
 
 _CACHE: dict[tuple[str, int, str], CellModel] = {}
@@ -167,7 +181,7 @@ def predict(model: CellModel, crops: np.ndarray,
     pos = 0
     with model.lock, torch.inference_mode(), _autocast(model):
         for x in _batches(crops, batch_size, model.device):
-            p = F.softmax(model.q_head(model.trunk(x)).float(), dim=1)
+            p = F.softmax(model.q_head(q_input(model.trunk, x, model.colour)).float(), dim=1)
             probs[pos:pos + len(p)] = p.cpu().numpy()
             pos += len(p)
     return probs.argmax(axis=1).astype(np.int64), probs

@@ -80,16 +80,25 @@ def trunk_features(trunk: nn.Module, crops: torch.Tensor, batch: int = 1024,
 
 
 def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: int,
-                  generator: torch.Generator, *, steps: int = 300, batch: int = 256,
-                  lr: float = 1e-3, amp: bool = False) -> torch.Tensor:
+                  generator: torch.Generator, *, colour: nn.Module | None = None,
+                  steps: int = 300, batch: int = 256, lr: float = 1e-3,
+                  amp: bool = False) -> torch.Tensor:
     """Cluster the trunk's features of ``crops`` (uint8 NCHW) with k-means and train
     ``q_head`` alone to predict the clusters; returns the k-means labels (n,).
 
     Features are centred and scaled to unit length first (cosine k-means): measured
-    against per-dimension standardisation, which blows up near-constant features.
+    against per-dimension standardisation, which blows up near-constant features. With
+    ``colour`` (a :class:`~.networks.ColourHistogram`), Q's head also reads the crops'
+    colour histograms, and k-means clusters both blocks, each centred and scaled to unit
+    length, with equal weight (what the trunk sees of shape, what the histograms see of
+    stain and granules).
     """
     feats = trunk_features(trunk, crops, amp=amp)
     z = F.normalize(feats - feats.mean(0), dim=1)
+    if colour is not None:
+        col = colour_features(colour, crops)
+        z = torch.cat([z, F.normalize(col - col.mean(0), dim=1)], dim=1)
+        feats = torch.cat([feats, col], dim=1)
     labels, _ = kmeans(z.cpu(), k, generator)
     labels = labels.to(feats.device)
     opt = torch.optim.Adam(q_head.parameters(), lr=lr)
@@ -104,3 +113,13 @@ def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: i
         opt.step()
     q_head.train(was_training)
     return labels
+
+
+def colour_features(colour: nn.Module, crops: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Colour histograms (n, d) float32 of uint8 NCHW ``crops``."""
+    from .train import to_model_input
+
+    dev = next(iter(colour.buffers())).device
+    with torch.no_grad():
+        return torch.cat([colour(to_model_input(crops[i:i + batch].to(dev)))
+                          for i in range(0, crops.shape[0], batch)])

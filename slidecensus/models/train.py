@@ -57,10 +57,13 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .networks import (
     ARCHS,
     CROP_SIZE,
+    ColourHistogram,
     CriticHead,
     QHead,
     build_generator,
     build_trunk,
+    q_input,
+    q_input_dim,
     trunk_dim,
 )
 
@@ -87,14 +90,15 @@ log = logging.getLogger(__name__)
 NORMALISATION = "x / 127.5 - 1"
 
 #: Config keys that fix the shapes of the weights; a resumed run must keep them.
-ARCH_KEYS = ("k", "z_dim", "width", "crop_size", "arch", "over_k", "q_norm")
+ARCH_KEYS = ("k", "z_dim", "width", "crop_size", "arch", "over_k", "q_norm", "q_colour")
 #: Augmentations of real crops: ``rot90`` the paper's four rotations (critic batches only);
 #: ``affine`` adds :func:`~.augment.augment`'s views for the IIC term and the critic.
 AUGMENTS = ("rot90", "affine")
 #: How crops are cut (see :func:`slidecensus.nuclei.crops.extract_crops`): ``nucleus`` the
 #: paper's nucleus box, outside the mask white; ``box`` the same without the mask;
-#: ``window`` a fixed physical window (``crop_window_um``) around the nucleus, unmasked.
-CROP_MODES = ("nucleus", "box", "window")
+#: ``window`` a fixed physical window (``crop_window_um``) around the nucleus, the other
+#: nuclei in it white; ``field`` the same window as it is (nothing whitened).
+CROP_MODES = ("nucleus", "box", "window", "field")
 #: What follows the adversarial schedule: ``none`` (the paper), or ``kmeans``: k-means on
 #: the trunk's features of the real crops, distilled into Q's head (:mod:`.refine`).
 REFINES = ("none", "kmeans")
@@ -155,6 +159,9 @@ class TrainConfig:
         Adam settings of the Q step (None: ``lr`` and ``betas``).
     q_norm : bool
         Batch norm in Q's hidden layer.
+    q_colour : bool
+        Q's head reads the crop's colour histograms
+        (:class:`~.networks.ColourHistogram`) next to the shared trunk's features.
     g_bias_mean : bool
         Start G's output bias at the crops' mean colour (so G does not begin as a grey
         image against white-background cells, which drives the early critic far off).
@@ -175,9 +182,10 @@ class TrainConfig:
         predict those clusters (:mod:`.refine`); ``none``: Q's head as the game left it.
     crop_mode, crop_window_um : str, float
         How the census cuts crops for this model: ``nucleus`` (the paper's nucleus box,
-        outside the nucleus white), ``box`` (the same unmasked) or ``window`` (a fixed
+        outside the nucleus white), ``box`` (the same unmasked), ``window`` (a fixed
         ``crop_window_um`` window centred on the nucleus, resampled to 32 px, so the crop
-        keeps the cell's size and cytoplasm).
+        keeps the cell's size and cytoplasm; other nuclei in it white) or ``field`` (the
+        same window with nothing whitened: a neutrophil keeps all its lobes).
     """
 
     k: int = 5
@@ -205,6 +213,7 @@ class TrainConfig:
     lr_q: float | None = None
     betas_q: tuple[float, float] | None = None
     q_norm: bool = False
+    q_colour: bool = False
     g_bias_mean: bool = False
     lambda_iic: float = 0.0
     over_k: int = 0
@@ -335,16 +344,17 @@ def build_networks(config: TrainConfig) -> nn.ModuleDict:
     The global torch RNG is left as it was (initialisation runs in a forked RNG).
     """
     dim = trunk_dim(config.arch, config.width)
+    q_dim = q_input_dim(config.arch, config.width, config.q_colour)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         nets = {
             "G": build_generator(config.arch, config.k, config.z_dim, config.width),
             "D_trunk": build_trunk(config.arch, config.width),
             "D_head": CriticHead(dim),
-            "Q_head": QHead(dim, config.k, norm=config.q_norm),
+            "Q_head": QHead(q_dim, config.k, norm=config.q_norm, hidden=dim),
         }
         if config.over_k:
-            nets["Q_over"] = QHead(dim, config.over_k, norm=config.q_norm)
+            nets["Q_over"] = QHead(q_dim, config.over_k, norm=config.q_norm, hidden=dim)
         return nn.ModuleDict(nets)
 
 
@@ -490,6 +500,7 @@ class InfoGANTrainer:
         self.q_over = self.nets["Q_over"] if "Q_over" in self.nets else None
         self.use_amp = config.amp if device.type == "cuda" else config.amp_cpu
         self.augment_spec = AugmentSpec()
+        self.colour = ColourHistogram().to(device) if config.q_colour else None
         self.last_iic = torch.zeros((), device=device)
 
         def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]
@@ -573,14 +584,15 @@ class InfoGANTrainer:
         self._set_grad(list(self.trunk.parameters()), cfg.q_trains_trunk)
         with self._amp():
             fake, c = self.generate(cfg.batch_size)
-            logits = self.q_head(self.trunk(fake))
+            logits = self.q_head(q_input(self.trunk, fake, self.colour))
         loss_q = cfg.lambda_q * info_loss(logits, c)
         loss_iic = torch.zeros((), device=self.device)
         if real is not None and cfg.lambda_iic > 0:
             views = torch.cat([augment(real, self.gen, self.augment_spec),
                                augment(real, self.gen, self.augment_spec)])
             with self._amp():
-                h = self.trunk(self._fmt(views))
+                views = self._fmt(views)
+                h = q_input(self.trunk, views, self.colour)
                 heads = [self.q_head] + ([self.q_over] if self.q_over is not None else [])
                 for head in heads:
                     p1, p2 = F.softmax(head(h).float(), dim=1).chunk(2)
@@ -740,6 +752,7 @@ def train_infogan(
 
         t_ref = time.perf_counter()
         labels = refine_q_head(trainer.trunk, trainer.q_head, data_t, config.k, gen,
+                               colour=trainer.colour,
                                steps=config.refine_steps, amp=trainer.use_amp)
         sizes = torch.bincount(labels.cpu(), minlength=config.k).tolist()
         refined = {"method": "kmeans", "cluster_sizes": sizes,

@@ -25,8 +25,10 @@ from .stain import as_rgb8
 __all__ = ["CROP_MODES", "crops_for", "extract_crops", "extract_window_crops"]
 
 #: How a census cuts crops: ``nucleus`` (the box, outside the nucleus white: the paper),
-#: ``box`` (the box unmasked), ``window`` (a fixed physical window around the nucleus).
-CROP_MODES = ("nucleus", "box", "window")
+#: ``box`` (the box unmasked), ``window`` (a fixed physical window around the nucleus, the
+#: other nuclei in it white), ``field`` (the same window as it is: neighbours, other lobes
+#: of the same cell and platelets kept).
+CROP_MODES = ("nucleus", "box", "window", "field")
 
 _NEEDED = ("cell_id", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 
@@ -242,8 +244,10 @@ def crops_for(rgb: np.ndarray, labels: np.ndarray, table: pd.DataFrame, mode: st
               mpp: float, window_um: float = 18.0, size: int = 32) -> np.ndarray:
     """The crops of ``table``'s cells in ``mode`` (see :data:`CROP_MODES`); ``mpp`` is the
     µm/px of ``rgb``, which turns ``window_um`` into pixels."""
-    if mode == "window":
+    if mode in ("window", "field"):
         pts = table[["x_px", "y_px"]].to_numpy(np.float64)
+        if mode == "field":
+            return extract_window_crops(rgb, pts, window_um / mpp, size)
         return extract_window_crops(rgb, pts, window_um / mpp, size, labels=labels,
                                     ids=table["cell_id"].to_numpy())
     if mode not in CROP_MODES:

@@ -79,7 +79,7 @@ def test_presets_differ_where_the_issue_says():
     assert (paper.width, paper.epochs, paper.iterations, paper.k) == (128, 10.0, None, 5)
     assert paper.lambda_iic == 0 and paper.crop_mode == "nucleus" and paper.arch == "resnet"
     assert fast.k == 8 and fast.arch == "compact" and fast.lambda_iic > 0
-    assert fast.crop_mode == "window" and fast.iterations is not None
+    assert fast.crop_mode == "field" and fast.iterations is not None and fast.q_colour
     assert preset_config("auto", cuda=True).preset == "paper"
     with pytest.raises(InvalidInputError, match="unknown training settings"):
         preset_config("fast", colour="red")
@@ -90,7 +90,7 @@ def test_preset_is_recorded_in_the_checkpoint(tmp_path):
     cfg = preset_config("fast", k=4, iterations=2, refine="none")
     train_infogan(crops, cfg, tmp_path / "m.pt", log_every=100, progress=lambda r: None)
     model = load_model(tmp_path / "m.pt")
-    assert model.config.preset == "fast" and model.config.crop_mode == "window"
+    assert model.config.preset == "fast" and model.config.crop_mode == "field"
     assert model.config.lambda_iic == cfg.lambda_iic
 
 

@@ -112,3 +112,75 @@ def test_config_validation():
     assert cfg.iterations_per_epoch(60_000) == 750
     assert cfg.total_iterations(60_000) == 7_500
     assert TrainConfig(iterations=12).total_iterations(60_000) == 12
+
+
+def test_colour_histogram_bins_match_an_independent_lab_conversion():
+    """Each zone's histogram sums to 1, and a crop of one colour puts all of it in the bin
+    of that colour's CIE Lab value (skimage's conversion, not ours)."""
+    import numpy as np
+    from skimage.color import rgb2lab
+
+    from slidecensus.models.networks import (
+        COLOUR_BINS,
+        COLOUR_DIM,
+        COLOUR_RANGES,
+        ColourHistogram,
+    )
+
+    colours = np.array([[120, 60, 160], [230, 150, 170], [250, 250, 250], [40, 20, 90]],
+                       np.uint8)
+    x = torch.from_numpy(np.repeat(np.repeat(colours[:, None, None], 32, 1), 32, 2))
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    h = ColourHistogram()(x)
+    assert h.shape == (4, COLOUR_DIM)
+    zones = (h ** 2).reshape(4, 2, -1).sum(-1)
+    assert torch.allclose(zones, torch.ones(4, 2), atol=1e-5)
+    lab = rgb2lab(colours[None])[0]
+    for i, (L, a, b) in enumerate(lab):
+        idx = 0
+        for v, (lo, hi) in zip((L, a, b), COLOUR_RANGES, strict=True):
+            idx = idx * COLOUR_BINS + int(np.clip((v - lo) * COLOUR_BINS // (hi - lo), 0,
+                                                  COLOUR_BINS - 1))
+        assert h[i, idx] == pytest.approx(1.0) and h[i, COLOUR_BINS ** 3 + idx] == 1.0
+
+
+def test_colour_histogram_is_rotation_invariant_and_sees_the_ring_apart():
+    from slidecensus.models.networks import COLOUR_BINS, ColourHistogram
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    ch = ColourHistogram()
+    for k in (1, 2, 3):
+        assert torch.equal(ch(torch.rot90(x, k, dims=(2, 3))), ch(x))
+    assert torch.equal(ch(torch.flip(x, dims=(3,))), ch(x))
+    # the same colours moved from the centre to the ring change the ring's histogram
+    y = torch.ones(1, 3, 32, 32)
+    y[:, :, 12:20, 12:20] = -0.5
+    z = torch.ones(1, 3, 32, 32)
+    z[:, :, 0:8, 12:20] = -0.5
+    hy, hz = ch(y), ch(z)
+    n = COLOUR_BINS ** 3
+    assert not torch.equal(hy[:, :n], hz[:, :n]) and not torch.equal(hy[:, n:], hz[:, n:])
+
+
+def test_q_with_colour_round_trips_through_the_checkpoint(tmp_path):
+    import numpy as np
+
+    from slidecensus.models import load_model, predict, preset_config, train_infogan
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    cfg = preset_config("fast", k=3, iterations=2, q_colour=True, refine_steps=3)
+    train_infogan(crops, cfg, tmp_path / "m.pt", log_every=100, progress=lambda r: None)
+    model = load_model(tmp_path / "m.pt")
+    assert model.config.q_colour and model.colour is not None
+    _, p1 = predict(model, crops)
+    _, p2 = predict(model, crops[::-1].copy())
+    assert np.array_equal(p1[::-1], p2)  # per-crop, independent of the batch's order
+    # the colour branch is read: turning it off changes Q's probabilities
+    model.colour, saved = None, model.colour
+    try:
+        with pytest.raises(RuntimeError):
+            predict(model, crops)  # the head expects the histograms next to the features
+    finally:
+        model.colour = saved

@@ -109,3 +109,22 @@ def test_window_crops_are_white_beyond_the_image_and_on_other_nuclei():
                                ids=np.array([1]))[0]
     assert (own[14:18, 14:18] == 100).all()  # its own nucleus is kept
     assert (own[15:17, 25:27] == 255).all()  # the neighbour's nucleus is white
+
+
+def test_field_crops_keep_the_other_nuclei_that_window_crops_whiten():
+    from slidecensus.nuclei.crops import crops_for
+
+    img = np.full((200, 200, 3), 180, np.uint8)
+    labels = np.zeros((200, 200), np.int32)
+    labels[95:105, 95:105] = 1  # the cell's own nucleus (a lobe)
+    labels[95:105, 115:125] = 2  # another lobe of the same cell, 2 µm away at 0.1 µm/px
+    img[labels > 0] = 60
+    table = pd.DataFrame({"cell_id": [1], "x_px": [99.5], "y_px": [99.5],
+                          "bbox_x0": [95], "bbox_y0": [95], "bbox_x1": [105],
+                          "bbox_y1": [105]})
+    field = crops_for(img, labels, table, "field", mpp=0.1, window_um=6.4)[0]
+    window = crops_for(img, labels, table, "window", mpp=0.1, window_um=6.4)[0]
+    # 64 px window -> 32 px crop: the second lobe lies at crop columns 23-28
+    assert (field[14:18, 24:27] < 100).all()  # kept dark in the field crop
+    assert (window[14:18, 24:27] == 255).all()  # whitened in the window crop
+    assert (field[14:18, 14:18] == window[14:18, 14:18]).all()  # own nucleus: the same
