@@ -4,6 +4,7 @@ Measured, never asserted. Sub-commands::
 
     python -m benchmarks.bench_cellmodel blood  [--k 8] [--preset auto]
     python -m benchmarks.bench_cellmodel speed  [--n 8192]
+    python -m benchmarks.bench_cellmodel crops [--out CROPS.npz]
     python -m benchmarks.bench_cellmodel ablation --data CROPS.npz [--iterations 600]
 
 ``blood``: the 1200 labelled blood cells of ../shared/data/blood-cells as a cohort of 1200
@@ -16,8 +17,12 @@ same cells' window crops (cut by the census' own crop function) in the same run.
 ``speed``: Q's inference rate, one thread (cells/s per core), fp32 and bf16, for the fast
 and paper networks; training iterations/s on every core, fp32 and bf16.
 
+``crops``: the blood cells' census crops (every nucleus the segmenter finds, ``window``
+and ``field`` modes, each image's label, and its most central nucleus) as an ``.npz``.
+
 ``ablation``: the fast preset with one change at a time on a labelled crop set (``.npz``
-with ``crops`` and ``labels``), purity and minutes for each.
+with ``field`` or ``crops``, ``labels`` and optionally ``window`` and a ``central`` mask
+of the crops to score), purity and minutes for each.
 """
 
 from __future__ import annotations
@@ -164,24 +169,59 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     return res
 
 
+def cmd_crops(args: argparse.Namespace) -> dict:
+    """Census crops of the blood cells for ``ablation``: every nucleus the segmenter finds
+    in each image (as the census cuts them, in each crop mode), the image's label, and
+    which nucleus is the image's most central one (the one that is scored)."""
+    import pandas as pd
+    from skimage import io
+
+    from slidecensus.nuclei.crops import CROP_MODES, crops_for
+    from slidecensus.nuclei.segment import segment_image
+
+    labels = pd.read_csv(BLOOD / "labels.csv")
+    modes = [m for m in CROP_MODES if m in ("window", "field")]
+    parts: dict[str, list] = {m: [] for m in modes}
+    y, central = [], []
+    for path, lab in zip(labels["path"], labels["cell_type"], strict=True):
+        img = io.imread(BLOOD / path)[..., :3]
+        lab_img, table = segment_image(img, mpp=BLOOD_MPP)
+        if table.empty:
+            continue
+        for m in modes:
+            parts[m].append(crops_for(img, lab_img, table, m, BLOOD_MPP))
+        h, w = img.shape[:2]
+        c = int(np.argmin(np.hypot(table["x_px"] - w / 2, table["y_px"] - h / 2)))
+        y += [lab] * len(table)
+        central += [i == c for i in range(len(table))]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **{m: np.concatenate(v) for m, v in parts.items()},
+             labels=np.array(y), central=np.array(central))
+    return {"out": str(out), "nuclei": len(y), "images_scored": int(np.sum(central))}
+
+
 def cmd_ablation(args: argparse.Namespace) -> dict:
+    """Train on every crop of the set; score the crops marked ``central`` (all labelled
+    ones when the set has no such mask)."""
     import torch
 
     from slidecensus.models import load_model, predict, preset_config, train_infogan
 
     d = np.load(args.data)
-    crops, labels = d["crops"], d["labels"]
-    keep = labels != ""
-    crops, labels = crops[keep], labels[keep]
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    labels = d["labels"]
+    scored = (labels != "") & (d["central"] if "central" in d else True)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     variants = {
         "fast preset": {},
+        "window crops (other nuclei white) instead of field": {"crops": "window"},
+        "no colour histograms in Q": {"q_colour": False},
         "no IIC term (lambda_iic 0)": {"lambda_iic": 0.0, "over_k": 0},
         "no k-means refinement": {"refine": "none"},
         "no over-clustering head": {"over_k": 0},
         "no Q batch norm": {"q_norm": False},
         "no G bias at the data mean": {"g_bias_mean": False},
-        "bf16 autocast": {"amp_cpu": True},
+        "fp32 (no bf16 autocast)": {"amp_cpu": False},
         "paper's Adam for Q (lr 1e-4, betas 0.5/0.9)": {"lr_q": None, "betas_q": None,
                                                          "lr": 1e-4},
     }
@@ -189,8 +229,11 @@ def cmd_ablation(args: argparse.Namespace) -> dict:
         variants = {key: v for key, v in variants.items() if key in args.only}
     rows = []
     for name, change in variants.items():
-        cfg = preset_config("fast", k=args.k, iterations=args.iterations, **{
-            key: v for key, v in change.items() if v is not None})
+        change = dict(change)
+        key = change.pop("crops", "field" if "field" in d else "crops")
+        crops = d[key] if key in d else d["crops"]
+        cfg = preset_config("fast", k=args.k, iterations=args.iterations, seed=args.seed,
+                            **{k_: v for k_, v in change.items() if v is not None})
         if "lr_q" in change:  # None means "the paper's lr for Q too"
             import dataclasses
 
@@ -199,12 +242,14 @@ def cmd_ablation(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         train_infogan(crops, cfg, out, resume=False, log_every=10**6, progress=lambda r: None)
         minutes = (time.perf_counter() - t) / 60
-        clusters, _ = predict(load_model(out), crops)
+        clusters, _ = predict(load_model(out), crops[scored])
         from slidecensus.models.metrics import purity
 
-        rows.append({"change": name, "purity": purity(labels, clusters), "minutes": minutes})
+        rows.append({"change": name, "crops": key, "purity": purity(labels[scored], clusters),
+                     "minutes": minutes})
         print(rows[-1], flush=True)
-    return {"data": args.data, "k": args.k, "iterations": args.iterations, "rows": rows}
+    return {"data": args.data, "k": args.k, "iterations": args.iterations, "seed": args.seed,
+            "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,13 +262,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="passed to train and run (crops are cut from the normalised tiles)")
     s = sub.add_parser("speed")
     s.add_argument("--n", type=int, default=8192)
+    s = sub.add_parser("crops")
+    s.add_argument("--out", default=str(CACHE / "blood-census-crops.npz"))
     s = sub.add_parser("ablation")
     s.add_argument("--data", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     s.add_argument("--k", type=int, default=8)
     s.add_argument("--iterations", type=int, default=600)
     s.add_argument("--only", nargs="*", default=None)
     args = p.parse_args(argv)
-    res = {"blood": cmd_blood, "speed": cmd_speed, "ablation": cmd_ablation}[args.cmd](args)
+    res = {"blood": cmd_blood, "speed": cmd_speed, "crops": cmd_crops,
+           "ablation": cmd_ablation}[args.cmd](args)
     write_results(f"cellmodel_{args.cmd}", res)
 
 
