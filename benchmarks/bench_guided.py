@@ -37,6 +37,11 @@ BLOOD_MPP = 0.1
 CROPS = CACHE / "guided-crops.npz"
 
 
+def _crops_file(mode: str | None) -> Path:
+    """The crop cache of ``mode`` (None: the guided model's default crop mode)."""
+    return CROPS if not mode else CACHE / f"guided-crops-{mode}.npz"
+
+
 def cmd_crops(args: argparse.Namespace) -> dict:
     import pandas as pd
     from PIL import Image
@@ -46,7 +51,10 @@ def cmd_crops(args: argparse.Namespace) -> dict:
     from slidecensus.models import GuidedConfig
 
     labels = pd.read_csv(BLOOD / "labels.csv")
-    params = CensusParams().with_model_crops(GuidedConfig().crop_spec())
+    spec = GuidedConfig().crop_spec()
+    if args.crop_mode:
+        spec = {**spec, "mode": args.crop_mode}
+    params = CensusParams().with_model_crops(spec)
     crops = np.full((len(labels), 32, 32, 3), 255, np.uint8)
     matched = np.zeros(len(labels), bool)
     how = []
@@ -62,8 +70,9 @@ def cmd_crops(args: argparse.Namespace) -> dict:
             matched[i] = True
         if i % 100 == 0:
             print(f"{i}/{len(labels)} {time.perf_counter() - t0:.0f} s", flush=True)
-    CROPS.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(CROPS, crops=crops, matched=matched,
+    out = _crops_file(args.crop_mode)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, crops=crops, matched=matched,
                         labels=labels["cell_type"].to_numpy(str), how=np.array(how))
     res = {"images": len(labels), "matched": int(matched.sum()),
            "under": how.count("under"), "nearest": how.count("nearest"),
@@ -82,8 +91,8 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _load():
-    d = np.load(CROPS)
+def _load(mode: str | None = None):
+    d = np.load(_crops_file(mode))
     return d["crops"], d["matched"], d["labels"]
 
 
@@ -103,7 +112,7 @@ def cmd_cv(args: argparse.Namespace) -> dict:
     from slidecensus.models import GuidedConfig, predict_guided, train_guided
 
     torch.set_num_threads(1)
-    crops, matched, labels = _load()
+    crops, matched, labels = _load(args.crop_mode)
     classes = sorted(set(labels.tolist()))
     fold = _folds(labels, 5, 0)
     out: dict = {"images": len(labels), "matched": int(matched.sum()), "epochs": args.epochs,
@@ -117,7 +126,8 @@ def cmd_cv(args: argparse.Namespace) -> dict:
         for f in range(args.folds):
             tr = np.flatnonzero((fold != f) & matched)
             te = np.flatnonzero((fold == f) & matched)
-            cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp,
+            mode = {"crop_mode": args.crop_mode} if args.crop_mode else {}
+            cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp, **mode,
                                width=args.width, tta=not args.no_tta,
                                w_rest=args.w_rest, w_dist=args.w_dist)
             m = train_guided(crops[tr], labels[tr], cfg)
@@ -172,7 +182,7 @@ def cmd_stability(args: argparse.Namespace) -> dict:
     from slidecensus.models import GuidedConfig, predict_guided, train_guided
 
     torch.set_num_threads(1)
-    crops, matched, labels = _load()
+    crops, matched, labels = _load(args.crop_mode)
     fold = _folds(labels, 5, 0)
     tr = np.flatnonzero((fold != 0) & matched)
     te = np.flatnonzero((fold == 0) & matched)
@@ -193,8 +203,11 @@ def cmd_stability(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("crops")
+    crop_help = "crop mode of the cached crops (default: the guided model's)"
+    s = sub.add_parser("crops")
+    s.add_argument("--crop-mode", default=None, help=crop_help)
     s = sub.add_parser("cv")
+    s.add_argument("--crop-mode", default=None, help=crop_help)
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--width", type=int, default=32)
     s.add_argument("--folds", type=int, default=5, help="folds run (of 5)")
@@ -207,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="guided, ce, guided-fp32, ce-fp32 (comma-separated)")
     s = sub.add_parser("stability")
     s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--crop-mode", default=None, help=crop_help)
     args = p.parse_args(argv)
     res = {"crops": cmd_crops, "cv": cmd_cv, "stability": cmd_stability}[args.cmd](args)
     write_results(f"guided_{args.cmd}{getattr(args, 'tag', '')}", res)
