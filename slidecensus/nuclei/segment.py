@@ -20,6 +20,11 @@ pixel values (200 px minimum area, 7 x 7 opening, compaction 3 px).
 
 A nucleus belongs to the tile whose *core* holds its centroid, so segmenting a slide as tiles
 with a halo (:func:`segment_file`) gives the same nuclei as segmenting it whole.
+
+With a :class:`Segmenter` of kind ``unet`` (``--segmenter unet``), steps 2-5 are replaced by
+the U-Net of :mod:`.unet` (trained on synthetic patches, Hou et al.) on the Reinhard-normalised
+tile and its watershed instance step; the stain features, the filters of step 6 and the
+tiling are the same, and the halo also covers the network's measured receptive field.
 """
 
 from __future__ import annotations
@@ -45,14 +50,17 @@ from .stain import StainModel, as_rgb8, estimate_stain_model, stain_concentratio
 __all__ = [
     "CELL_COLUMNS",
     "DEFAULT_MPP",
+    "SEGMENTERS",
     "PixelParams",
     "SegmentParams",
+    "Segmenter",
     "empty_cell_table",
     "label_nuclei",
     "measure_cells",
     "segment_file",
     "segment_image",
     "segment_tile",
+    "tile_geometry",
 ]
 
 log = logging.getLogger(__name__)
@@ -262,6 +270,90 @@ def segment_params_from(overrides: list[str] | tuple[str, ...] = ()) -> SegmentP
             raise InvalidInputError(f"--set {item!r}: {value.strip()!r} is not a number"
                                     ) from None
     return SegmentParams(**kw)
+
+
+#: The segmenters ``--segmenter`` chooses from.
+SEGMENTERS = ("threshold", "unet")
+
+
+@dataclass(frozen=True)
+class Segmenter:
+    """Which segmenter labels the nuclei (``--segmenter``, ``--segmenter-model``).
+
+    Part of the census parameters, so a run with another segmenter or another model file
+    recomputes.
+
+    Attributes
+    ----------
+    kind : str
+        ``threshold`` (the paper's pipeline) or ``unet`` (:mod:`.unet`).
+    model : str
+        ``unet``: the model file ("" = the one shipped in the package).
+    model_sha256 : str
+        Its content hash (a retrained file with the same name recomputes).
+    """
+
+    kind: str = "threshold"
+    model: str = ""
+    model_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SEGMENTERS:
+            raise InvalidInputError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, "
+                                    f"got {self.kind!r}")
+        if self.kind == "threshold" and self.model:
+            raise InvalidInputError("--segmenter-model is for --segmenter unet")
+
+    @property
+    def is_default(self) -> bool:
+        """The threshold segmenter (the default)."""
+        return self.kind == "threshold"
+
+    @classmethod
+    def resolve(cls, kind: str = "threshold", model: str | os.PathLike | None = None
+                ) -> Segmenter:
+        """The spec with its model file checked and hashed now, so a corrupt or foreign file
+        is refused in one line before any work starts."""
+        if kind != "unet":
+            return cls(kind, str(model or ""))
+        from .unet import default_model_path, file_sha256, load_unet
+
+        path = Path(model) if model else default_model_path()
+        load_unet(path)  # raises CheckpointError (one line) for a bad file
+        return cls("unet", str(model or ""), file_sha256(path))
+
+    def network(self):
+        """The loaded :class:`~.unet.UNetSegmenter` (cached per process); None for threshold."""
+        if self.kind != "unet":
+            return None
+        from .unet import cached_unet
+
+        return cached_unet(self.model, self.model_sha256)
+
+    def describe(self) -> str:
+        """``threshold``, ``unet`` or ``unet:PATH``."""
+        return self.kind + (f":{self.model}" if self.model else "")
+
+
+def tile_geometry(params: SegmentParams, segmenter: Segmenter | None, mpp: float | None,
+                  tile_size: int) -> tuple[int, int]:
+    """(tile size, halo) in level-0 px for ``segmenter`` at ``mpp``.
+
+    Threshold: the halo of ``params`` and a tile size that is a multiple of the bin. U-Net:
+    the halo also holds the network's receptive field beyond the largest nucleus, and both
+    are multiples of the bin times the network's pooling divisor, so every tile's pooling
+    grid is the whole slide's (tiled equals whole).
+    """
+    pp = params.for_mpp(mpp)
+    net = segmenter.network() if segmenter is not None else None
+    if net is None:
+        return max(pp.bin, tile_size - tile_size % pp.bin), pp.halo_px
+    level_mpp = pp.mpp / pp.bin
+    diameter_um = 2 * math.sqrt(params.max_area_um2 / math.pi)
+    halo_um = max(params.halo_um, diameter_um + net.receptive_radius_um)
+    step = pp.bin * net.config.divisor
+    halo = -(-math.ceil(halo_um / level_mpp) // step) * step
+    return max(step, tile_size - tile_size % step), halo
 
 
 # --------------------------------------------------------------------------- morphology
@@ -527,14 +619,20 @@ def _object_rejects(table: pd.DataFrame, pp: PixelParams, shape) -> np.ndarray:
     return drop
 
 
-def _segment(rgb, stain_model, params, mpp, core, want_labels=False):
+def _segment(rgb, stain_model, params, mpp, core, want_labels=False, segmenter=None):
     rgb = as_rgb8(rgb)
     pp = params.for_mpp(mpp)
     core = _check_core(core, rgb.shape[:2])
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         return np.zeros(rgb.shape[:2], np.int32), empty_cell_table()
-    h, e = stain_concentrations(_bin_rgb(rgb, pp.bin), stain_model)
-    labels = label_nuclei(h, pp)
+    small = _bin_rgb(rgb, pp.bin)
+    h, e = stain_concentrations(small, stain_model)
+    net = segmenter.network() if segmenter is not None else None
+    if net is None:
+        labels = label_nuclei(h, pp)
+    else:
+        labels = net.label(stain_model.normalize(small), pp.mpp, pp.min_area_px,
+                           pp.max_area_px)
     table = measure_cells(labels, h, e, pp.mpp / pp.bin, core, scale=pp.bin)
     drop = _object_rejects(table, pp, rgb.shape[:2])
     if drop.any():
@@ -569,6 +667,7 @@ def segment_tile_with_labels(
     params: SegmentParams | None = None,
     core: tuple[int, int, int, int] | None = None,
     mpp: float | None = None,
+    segmenter: Segmenter | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """:func:`segment_tile` plus the int32 label image of the read window (for crops).
 
@@ -576,7 +675,8 @@ def segment_tile_with_labels(
     lies outside the core keep their labels but have no row).
     """
     params = SegmentParams() if params is None else params
-    return _segment(rgb_with_halo, stain_model, params, mpp, core, want_labels=True)
+    return _segment(rgb_with_halo, stain_model, params, mpp, core, want_labels=True,
+                    segmenter=segmenter)
 
 
 def segment_tile(
@@ -585,6 +685,7 @@ def segment_tile(
     params: SegmentParams | None = None,
     core: tuple[int, int, int, int] | None = None,
     mpp: float | None = None,
+    segmenter: Segmenter | None = None,
 ) -> pd.DataFrame:
     """Segment the nuclei of one tile read with its halo; a pure function.
 
@@ -601,6 +702,8 @@ def segment_tile(
         Default: the whole window.
     mpp : float, optional
         µm/px of the tile (default :data:`DEFAULT_MPP`).
+    segmenter : Segmenter, optional
+        Default: the threshold segmenter.
 
     Returns
     -------
@@ -609,7 +712,7 @@ def segment_tile(
         window's offset); empty but typed when there are no nuclei.
     """
     params = SegmentParams() if params is None else params
-    return _segment(rgb_with_halo, stain_model, params, mpp, core)[1]
+    return _segment(rgb_with_halo, stain_model, params, mpp, core, segmenter=segmenter)[1]
 
 
 def segment_image(
@@ -617,6 +720,7 @@ def segment_image(
     mpp: float | None = None,
     params: SegmentParams | None = None,
     stain_model: StainModel | None = None,
+    segmenter: Segmenter | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Segment a whole in-memory image: estimate the stain model on it, then segment.
 
@@ -629,6 +733,8 @@ def segment_image(
     params : SegmentParams, optional
     stain_model : StainModel, optional
         Use this model instead of estimating one on the image.
+    segmenter : Segmenter, optional
+        Default: the threshold segmenter.
 
     Returns
     -------
@@ -640,7 +746,7 @@ def segment_image(
     params = SegmentParams() if params is None else params
     if stain_model is None:
         stain_model = estimate_stain_model(rgb)
-    return _segment(rgb, stain_model, params, mpp, None, want_labels=True)
+    return _segment(rgb, stain_model, params, mpp, None, want_labels=True, segmenter=segmenter)
 
 
 def _write_parquet_atomic(table: pd.DataFrame, out: Path) -> None:
@@ -695,6 +801,7 @@ def segment_file(
     geojson: str | os.PathLike | None = None,
     progress: Callable[[int, int, int], None] | None = None,
     normalizer: Callable[[Any, np.ndarray, Any], tuple[Any, np.ndarray]] | None = None,
+    segmenter: Segmenter | None = None,
 ) -> pd.DataFrame:
     """Segment every nucleus of an image or slide file and write the cell table as Parquet.
 
@@ -736,6 +843,8 @@ def segment_file(
         pixels to estimate the stain model on); see
         :func:`slidecensus.engine.plan.fit_slide_normalizer`. Default: Reinhard, done by the
         segmenter itself. Tiles are then read through :func:`~.normalize.read_normalized`.
+    segmenter : Segmenter, optional
+        Default: the threshold segmenter (:meth:`Segmenter.resolve` checks a model file).
 
     Returns
     -------
@@ -752,7 +861,7 @@ def segment_file(
         geo_sink = _GeoSink(Path(geojson)) if geojson is not None else None
         sinks += [geo_sink] if geo_sink is not None else []
         table = _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress,
-                               normalizer)
+                               normalizer, segmenter)
         for sink in sinks:  # every output complete under its temporary name ...
             sink.finish()
     except BaseException:
@@ -767,16 +876,15 @@ def segment_file(
 
 
 def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=None,
-                   normalizer=None) -> pd.DataFrame:
+                   normalizer=None, segmenter=None) -> pd.DataFrame:
     """The tile loop of :func:`segment_file`; feeds the optional crop and outline sinks."""
     from ..tiling import open_slide, plan_tiles
 
     params = SegmentParams() if params is None else params
     with open_slide(path, mpp=mpp) as slide:
         slide_mpp = slide.mpp if slide.mpp is not None else (mpp or DEFAULT_MPP)
-        pp = params.for_mpp(slide_mpp)
-        tile_size = max(pp.bin, tile_size - tile_size % pp.bin)
-        tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0)
+        tile_size, halo = tile_geometry(params, segmenter, slide_mpp, tile_size)
+        tiles = plan_tiles(slide, tile_size=tile_size, halo=halo, level=0)
         # the tissue mask only drops tiles without tissue: a one-tile plan never drops its
         # tile (a mask of >= 100 pixels covers it), so the mask is computed only for more
         sample, tmask = stain_sample(slide, with_mask=len(tiles) > 1)
@@ -788,7 +896,7 @@ def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=N
         model = replace(estimate_stain_model(seg_sample), norm=norm)
         log.debug("stain model from %d pixels: %s", model.n_pixels, model)
         if use is not None:
-            tiles = plan_tiles(slide, tile_size=tile_size, halo=pp.halo_px, level=0, mask=tmask)
+            tiles = plan_tiles(slide, tile_size=tile_size, halo=halo, level=0, mask=tmask)
         parts, n = [], 0
         want_labels = crop_sink is not None or geo_sink is not None
         if progress is not None:
@@ -796,10 +904,12 @@ def _segment_slide(path, mpp, params, tile_size, crop_sink, geo_sink, progress=N
         for i, t in enumerate(tiles):
             rgb, crop_rgb = read_normalized(slide, 0, t.rx, t.ry, t.rw, t.rh, model)
             if not want_labels:
-                tab = segment_tile(rgb, model, params, core=t.core_in_read, mpp=slide_mpp)
+                tab = segment_tile(rgb, model, params, core=t.core_in_read, mpp=slide_mpp,
+                                   segmenter=segmenter)
             else:
                 labels, tab = segment_tile_with_labels(rgb, model, params,
-                                                       core=t.core_in_read, mpp=slide_mpp)
+                                                       core=t.core_in_read, mpp=slide_mpp,
+                                                       segmenter=segmenter)
                 if len(tab) and crop_sink is not None:
                     crop_sink.add(crop_rgb, labels, tab)
                 if len(tab) and geo_sink is not None:
