@@ -60,13 +60,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         from .engine.plan import fit_slide_normalizer
 
         fit = functools.partial(fit_slide_normalizer, spec)
+    from .nuclei.segment import Segmenter
+
+    segmenter = Segmenter.resolve(args.segmenter, args.segmenter_model)
     with _progress(args) as show:
         table = segment_file(args.image, args.out, mpp=args.mpp,
                              params=segment_params_from(args.set), crops=args.crops,
                              crop_masked=args.crop_mode == "masked", geojson=args.geojson,
                              progress=lambda done, total, n: show(
                                  Progress("segment", done, total, unit="tiles", cells=n)),
-                             normalizer=fit)
+                             normalizer=fit, segmenter=segmenter)
     print(f"{len(table)} nuclei -> {args.out}")
     if args.crops is not None:
         print(f"{len(table)} crops ({args.crop_mode}) -> {args.crops}")
@@ -83,7 +86,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     params = CensusParams(tile_size=args.tile_size, region_um=args.region_um,
                           outlines=args.outlines, segment=segment_params_from(args.set),
-                          stain_norm=_stain_norm(args))
+                          stain_norm=_stain_norm(args),
+                          segmenter=_segmenter(args))
     model, train_first = args.model, False
     if model is None and not args.no_classify:
         # the contract: `run` without --model trains on the cohort first (resumable)
@@ -122,7 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "iterations": args.iterations}
     if args.epochs is not None and args.iterations is None:
         settings["iterations"] = None  # --epochs sets the length
-    params = CensusParams(segment=segment_params_from(args.set), stain_norm=_stain_norm(args))
+    params = CensusParams(segment=segment_params_from(args.set), stain_norm=_stain_norm(args),
+                          segmenter=_segmenter(args))
     with _progress(args) as show:
         path = train_from_cohort(args.cohort, args.out, preset=args.preset,
                                  settings={key: v for key, v in settings.items()
@@ -209,6 +214,38 @@ def _stain_norm(args: argparse.Namespace):
         images, name = load_target(args.stain_target)
         target = stain_target(images, name=name)
     return parse_stain_norm(args.stain_norm, target, cohort=cohort)
+
+
+def _segmenter(args: argparse.Namespace):
+    """The ``--segmenter`` pair as a checked Segmenter (a bad model file fails here)."""
+    from .nuclei.segment import Segmenter
+
+    return Segmenter.resolve(getattr(args, "segmenter", "threshold"),
+                             getattr(args, "segmenter_model", None))
+
+
+def _add_segmenter(s: argparse.ArgumentParser) -> None:
+    """``--segmenter threshold|unet`` and ``--segmenter-model PATH``."""
+    s.add_argument("--segmenter", choices=["threshold", "unet"], default="threshold",
+                   help="threshold (Hu et al.'s pipeline, default) or unet (a U-Net trained "
+                        "on synthetic patches; see docs/benchmarks.md)")
+    s.add_argument("--segmenter-model", default=None, metavar="PATH",
+                   help="the U-Net file (default: the one shipped in the package)")
+
+
+def _cmd_segmenter_train(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from .nuclei.unettrain import SegmenterTraining, train_segmenter
+
+    training = SegmenterTraining(n_patches=args.patches, iterations=args.iterations,
+                                 importance=not args.no_importance, hard=not args.no_hard,
+                                 seed=args.seed)
+    path = train_segmenter(args.images, args.out, training,
+                           command=shlex.join(["slidecensus", *sys.argv[1:]]))
+    print(f"U-Net segmenter written: {path}")
+    return 0
 
 
 def _add_stain_norm(s: argparse.ArgumentParser) -> None:
@@ -396,7 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write nucleus outlines as QuPath detections (.geojson)")
     _add_segment_set(s)
     _add_stain_norm(s)
+    _add_segmenter(s)
     s.set_defaults(func=_cmd_segment)
+
+    s = sub.add_parser("segmenter", help="the learned nuclei segmenter")
+    ssub = s.add_subparsers(dest="segmenter_cmd", required=True)
+    t = ssub.add_parser("train", help="train a U-Net segmenter from unlabelled images "
+                                      "(synthetic patches, Hou et al.)")
+    t.add_argument("images", nargs="+", type=Path)
+    t.add_argument("--out", type=Path, required=True, help="the U-Net file (.pt)")
+    t.add_argument("--patches", type=int, default=1200, help="synthetic patches")
+    t.add_argument("--iterations", type=int, default=600)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-importance", action="store_true",
+                   help="do not weight patches by how real they look")
+    t.add_argument("--no-hard", action="store_true", help="no hard examples")
+    t.set_defaults(func=_cmd_segmenter_train)
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells, "
                                      "or a guided model from labelled cells (--labels)")
@@ -425,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default OUT.unmatched.csv)")
     _add_segment_set(s)
     _add_stain_norm(s)
+    _add_segmenter(s)
     s.add_argument("--cluster", default="local")
     s.set_defaults(func=_cmd_train)
 
@@ -442,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes polygons for QuPath)")
     _add_segment_set(s)
     _add_stain_norm(s)
+    _add_segmenter(s)
     s.add_argument("--slides-in-flight", type=int, default=2)
     s.add_argument("--max-bad-tiles", type=int, default=0,
                    help="unreadable tiles a slide may have and still be counted (as 'partial', "

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InvalidInputError, SlideReadError
 from ..nuclei.crops import CROP_MODES
 from ..nuclei.normalize import StainNorm, StainTarget, fit_normalizer
-from ..nuclei.segment import DEFAULT_MPP, SegmentParams, stain_sample
+from ..nuclei.segment import DEFAULT_MPP, Segmenter, SegmentParams, stain_sample, tile_geometry
 from ..nuclei.stain import StainModel, estimate_stain_model
 from ..tiling import Tile, TissueMask, cached_slide, plan_tiles, tissue_mask_rgb
 
@@ -64,6 +64,7 @@ class CensusParams:
     segment: SegmentParams = field(default_factory=SegmentParams)
     outlines: bool = False  # keep each nucleus's outline polygon (cells' ``outline_px``)
     stain_norm: StainNorm = field(default_factory=StainNorm)  # before segmentation and crops
+    segmenter: Segmenter = field(default_factory=Segmenter)  # --segmenter threshold|unet
 
     def __post_init__(self) -> None:
         lo, hi = TILE_SIZE_RANGE
@@ -107,7 +108,10 @@ class CensusParams:
 
     def digest(self) -> str:
         """Stable hash of the parameters."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if self.segmenter.is_default:  # the default keeps the digest of earlier runs
+            d.pop("segmenter")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,10 @@ def plan_slide(path: str, mpp: float | None, params: CensusParams) -> SlidePlan:
     sample = stain_sample(slide, with_mask=False)[0]
     norm, seg_sample = fit_slide_normalizer(params.stain_norm, slide, sample, mask)
     stain = replace(estimate_stain_model(seg_sample), norm=norm)
-    halo = params.segment.for_mpp(slide_mpp).halo_px
-    tiles = plan_tiles(slide, tile_size=params.tile_size, halo=halo, level=0, mask=mask,
+    tile_size, halo = (params.tile_size, params.segment.for_mpp(slide_mpp).halo_px)
+    if not params.segmenter.is_default:  # the U-Net's halo covers its receptive field
+        tile_size, halo = tile_geometry(params.segment, params.segmenter, slide_mpp, tile_size)
+    tiles = plan_tiles(slide, tile_size=tile_size, halo=halo, level=0, mask=mask,
                        min_tissue=params.min_tissue)
     notes = list(slide.conversions)
     if not tiles:

@@ -82,7 +82,7 @@ def _segment_tile_on(slide: Any, plan_mpp: float, tile: Tile, stain: StainModel,
     rgb, crop_rgb = read_normalized(slide, tile.level, tile.rx, tile.ry, tile.rw, tile.rh,
                                     stain)
     labels, table = segment_tile_with_labels(rgb, stain, params.segment, tile.core_in_read,
-                                             plan_mpp)
+                                             plan_mpp, segmenter=params.segmenter)
     crops = crops_for(crop_rgb, labels, table, params.crops_mode(), plan_mpp,
                       params.crop_window_um, params.crop_size)
     if params.outlines:
