@@ -129,8 +129,14 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
     res: dict = {"infer_cells_per_s_one_thread": {}, "train_it_per_s_all_cores": {}}
+    from slidecensus.hardware import BF16_ENV, cpu_bf16_reason
+
+    res["cpu_bf16"] = cpu_bf16_reason()
+    res["cpu"] = _cpu_model()
     for preset in ("fast", "paper"):
         for amp in (False, True):
+            # bf16 rows run bf16 even where it is emulated (the default then is fp32)
+            os.environ[BF16_ENV] = "1" if amp else "0"
             cfg = preset_config(preset, amp_cpu=amp)
             nets = build_networks(cfg)
             mods = [nets[n].eval().requires_grad_(False) for n in ("G", "D_trunk", "D_head",
@@ -166,7 +172,20 @@ def cmd_speed(args: argparse.Namespace) -> dict:
                 steps / (time.perf_counter() - t))
             print(preset, amp, rate, res["train_it_per_s_all_cores"], flush=True)
     res["threads_all_cores"] = len(os.sched_getaffinity(0))
+    os.environ.pop(BF16_ENV, None)
     return res
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
 
 
 def cmd_crops(args: argparse.Namespace) -> dict:

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
+from ..hardware import cpu_bf16_native
 from ..weightsfile import load_weights_file, save_weights_file
 from .augment import AugmentSpec, augment
 
@@ -510,7 +511,9 @@ def _embed(net: GuidedNet, crops: np.ndarray, n_active: int, amp: bool,
 def _autocast(amp: bool):
     import contextlib
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    if amp and cpu_bf16_native():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..hardware import use_bf16
 from .checkpoint import CheckpointError, load_checkpoint
 from .networks import (
     ColourHistogram,
@@ -137,7 +138,7 @@ def _from_checkpoint(path: Path, dev: torch.device) -> Any:
 
 def _autocast(model: CellModel) -> contextlib.AbstractContextManager:
     cfg = model.config
-    if cfg.amp if model.device.type == "cuda" else cfg.amp_cpu:
+    if use_bf16(model.device.type, cfg.amp, cfg.amp_cpu):
         return torch.autocast(model.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

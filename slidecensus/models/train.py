@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..hardware import cpu_bf16_reason, use_bf16
 from .augment import AugmentSpec, augment, iic_loss
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .networks import (
@@ -135,8 +136,9 @@ class TrainConfig:
         bfloat16 autocast for the forward passes on CUDA (the gradient penalty is always
         computed in float32).
     amp_cpu : bool
-        The same on CPU (CPUs with AMX or AVX-512 BF16 run it faster than float32; see
-        docs/benchmarks.md for the measured ratio).
+        The same on CPU, honoured only where the CPU runs bf16 natively (AMX or AVX-512
+        BF16: faster than float32 there; emulated bf16 on an AVX2 CPU was 4-5x slower,
+        docs/benchmarks.md). See :func:`slidecensus.hardware.cpu_bf16_native`.
     channels_last : bool
         Use the channels-last memory format on CUDA (faster convolutions on tensor cores).
     deterministic : bool
@@ -498,7 +500,7 @@ class InfoGANTrainer:
         self.G, self.trunk = self.nets["G"], self.nets["D_trunk"]
         self.d_head, self.q_head = self.nets["D_head"], self.nets["Q_head"]
         self.q_over = self.nets["Q_over"] if "Q_over" in self.nets else None
-        self.use_amp = config.amp if device.type == "cuda" else config.amp_cpu
+        self.use_amp = use_bf16(device.type, config.amp, config.amp_cpu)
         self.augment_spec = AugmentSpec()
         self.colour = ColourHistogram().to(device) if config.q_colour else None
         self.last_iic = torch.zeros((), device=device)
@@ -675,6 +677,9 @@ def train_infogan(
     per_epoch = config.iterations_per_epoch(len(crops))
     gen = torch.Generator().manual_seed(config.seed)
     trainer = InfoGANTrainer(config, dev, gen)
+    if dev.type == "cpu" and config.amp_cpu:
+        log.info("bf16 autocast on CPU: %s (%s)",
+                 "on" if trainer.use_amp else "off, float32", cpu_bf16_reason())
     data_t = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(dev)
     batches = _RealBatches(data_t, config.batch_size, config.rotations, gen)
     iic_batches = (_RealBatches(data_t, config.iic_batch, config.rotations, gen)

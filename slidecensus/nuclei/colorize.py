@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..hardware import cpu_bf16_native
 from ..weightsfile import CheckpointError, load_weights_file, save_weights_file
 from .normalize import StainTarget, cielab_to_rgb, rgb_to_cielab, stain_target
 from .stain import tissue_pixels
@@ -219,7 +220,7 @@ def _patch_sampler(images: Sequence[np.ndarray], patch: int, rng: np.random.Gene
 
 
 def _amp(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled or device.type == "cuda":
+    if device.type == "cuda" or (enabled and cpu_bf16_native()):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
