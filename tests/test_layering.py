@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "slidecensus"
 #: Layer of each top-level name under slidecensus (modules and subpackages).
 LAYER_OF = {
     "__init__": "ground", "errors": "ground", "weightsfile": "ground",
-    "hardware": "ground",
+    "hardware": "ground", "fastops": "ground",
     "tiling": "tiling", "nuclei": "nuclei", "models": "models", "cluster": "cluster",
     "engine": "engine", "reports": "reports",
     "cli": "top", "console": "top", "demo": "top", "__main__": "top",

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fastops import max_pool2
+
 __all__ = [
     "ARCHS",
     "COLOUR_DIM",
@@ -248,7 +250,7 @@ class CompactTrunk(nn.Module):
             x = F.relu(norm(conv(x)))
             out.append(x)
             if i < 3:
-                x = F.max_pool2d(x, 2)
+                x = max_pool2(x)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

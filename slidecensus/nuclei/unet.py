@@ -118,6 +118,7 @@ def _build(config: UNetConfig):
     """The U-Net as a torch module (built lazily: torch is imported only when needed)."""
     torch = _torch()
     nn = torch.nn
+    from ..fastops import max_pool2
 
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
@@ -143,12 +144,11 @@ def _build(config: UNetConfig):
                 self.merge.append(block(2 * w, w))
                 cin = w
             self.head = nn.Conv2d(cin, 2, 1)
-            self.pool = nn.MaxPool2d(2)
 
         def forward(self, x):
             skips = []
             for i, blk in enumerate(self.down):
-                x = blk(x if i == 0 else self.pool(x))
+                x = blk(x if i == 0 else max_pool2(x))
                 skips.append(x)
             skips.pop()
             for up, merge in zip(self.up, self.merge, strict=True):
