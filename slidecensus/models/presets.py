@@ -45,8 +45,8 @@ _FAST: dict[str, Any] = {
     # colour histograms next to the trunk: blood purity 0.46 -> 0.56 -> 0.60 (one change
     # at a time, docs/benchmarks.md)
     "crop_mode": "field", "q_colour": True,
-    # bf16 on CPU, measured side by side: Q 5467 vs 4666 cells/s per core, training 3.4 vs
-    # 2.7 it/s on 2 cores (docs/benchmarks.md)
+    # bf16 on CPU where it is native (AMX / AVX-512 BF16), side by side: Q 5467 vs 4666
+    # cells/s per core on AMX, 5128 vs 3566 on AVX-512 BF16 (docs/benchmarks.md)
     "amp_cpu": True,
     "checkpoint_every": 250, "refine": "kmeans",
 }
