@@ -489,9 +489,9 @@ def train_unet(
         sched.step()
         log.iterations = it + 1
         if it % 50 == 0 or it == iterations - 1:
-            log.losses.append(float(loss))
+            log.losses.append(float(loss.detach()))
             if progress is not None:
-                progress(it + 1, iterations, float(loss))
+                progress(it + 1, iterations, float(loss.detach()))
         if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             break
     log.seconds = time.perf_counter() - t0
