@@ -36,6 +36,7 @@ __all__ = [
     "macenko_stain_matrix",
     "od_to_rgb",
     "order_stains",
+    "otsu_split",
     "reinhard",
     "rgb_to_lab",
     "rgb_to_od",
@@ -412,6 +413,10 @@ class StainModel:
         Reinhard target (default: Hu et al.).
     n_pixels : int
         Number of tissue pixels it was estimated from (0 = defaults, no tissue found).
+    nuclear_split_od : float
+        Otsu's split of the hematoxylin concentrations (OD) of those tissue pixels: where
+        the slide's own nuclear stain separates from the rest of its stained material.
+        0 = unknown (no filter relative to it; see ``SegmentParams.min_relative_hematoxylin``).
     norm : callable, optional
         The slide's fitted stain normaliser (``--stain-norm``; see
         :func:`~.normalize.read_normalized`); None = the default Reinhard, done here.
@@ -425,6 +430,7 @@ class StainModel:
     target_mean: tuple[float, float, float] = TARGET_LAB_MEAN
     target_std: tuple[float, float, float] = TARGET_LAB_STD
     n_pixels: int = 0
+    nuclear_split_od: float = 0.0
     norm: Any = None
 
     @property
@@ -496,13 +502,41 @@ def estimate_stain_model(
     std = lab.std(axis=0)
     std = np.where(std > 1e-6, std, 1.0)
     norm = reinhard(px, mean, std)
-    w = macenko_stain_matrix(rgb_to_od(norm))
+    od = rgb_to_od(norm)
+    w = macenko_stain_matrix(od)
+    hema = deconvolve(od, w)[..., 0]
     return StainModel(
         lab_mean=tuple(float(v) for v in mean),
         lab_std=tuple(float(v) for v in std),
         stain_matrix=tuple(tuple(float(v) for v in row) for row in w),
         n_pixels=len(px),
+        nuclear_split_od=otsu_split(hema),
     )
+
+
+def otsu_split(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values``: the split that maximises the between-class variance
+    of a ``bins``-bin histogram (the upper edge of the lower class). 0.0 when the values
+    are constant or empty.
+
+    References
+    ----------
+    .. [1] N. Otsu, "A threshold selection method from gray-level histograms",
+       IEEE Trans. SMC 9(1):62-66, 1979.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0 or v.min() == v.max():
+        return 0.0
+    counts, edges = np.histogram(v, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(counts)[:-1].astype(np.float64)
+    w1 = v.size - w0
+    s0 = np.cumsum(counts * centres)[:-1]
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] + counts[-1] * centres[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(edges[1:-1][int(np.argmax(between))])
 
 
 def stain_concentrations(rgb: np.ndarray, model: StainModel) -> tuple[np.ndarray, np.ndarray]:

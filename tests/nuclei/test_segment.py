@@ -248,3 +248,48 @@ def test_segmenting_a_png_does_not_import_zarr(marrow_pngs, tmp_path):
                          check=True)
     assert out.stdout.strip() == "[]"
     assert (tmp_path / "c.parquet").stat().st_size > 0
+
+
+def test_objects_paler_than_the_slides_nuclei_are_dropped():
+    """On a pale smear-like field, discs above the fixed threshold but far paler than the
+    slide's dark nuclei (the denser red cells of a Romanowsky smear) are dropped relative to
+    the stain model's Otsu split; with the ratio at 0 they are kept."""
+    pale = np.array([165, 120, 185], np.uint8)  # above the fixed threshold, below the nuclei
+    img = _synthetic([(50, 60), (190, 60)], radius=12, shape=(200, 240))
+    yy, xx = np.mgrid[:200, :240]
+    for x, y in ((60, 150), (180, 150)):
+        img[(xx - x) ** 2 + (yy - y) ** 2 <= 14**2] = pale
+    model = StainModel.identity()
+    _, every = G.segment_image(img, mpp=0.25, stain_model=model,
+                               params=G.SegmentParams(min_relative_hematoxylin=0.0))
+    assert len(every) == 4
+    mh = np.sort(every["mean_hematoxylin"].to_numpy())
+    split = float(mh[1] + mh[2]) / 2 / 0.8  # 0.8 x split falls between pale and dark
+    from dataclasses import replace
+
+    labels, kept = G.segment_image(img, mpp=0.25,
+                                   stain_model=replace(model, nuclear_split_od=split))
+    assert len(kept) == 2 and (kept["y_px"] < 100).all()
+    assert set(np.unique(labels[labels > 0])) == set(kept["cell_id"])
+
+
+def test_blood_smear_red_cells_dropped_and_leukocytes_kept(shared_data):
+    """Real MGG blood-cell images: the relative filter keeps every cell at the image centre
+    (the labelled leukocyte or platelet) and drops many of the other objects (red cells)."""
+    import imageio.v3 as iio
+
+    labels = pd.read_csv(shared_data / "blood-cells" / "labels.csv").iloc[::30]
+    off = G.SegmentParams(min_relative_hematoxylin=0.0)
+    centre = {"on": 0, "off": 0}
+    others = {"on": 0, "off": 0}
+    for path in labels["path"]:
+        img = iio.imread(shared_data / "blood-cells" / path)[..., :3]
+        for key, params in (("on", G.SegmentParams()), ("off", off)):
+            _, t = G.segment_image(img, mpp=0.1, params=params)
+            if t.empty:
+                continue
+            d = np.hypot(t["x_px"] - img.shape[1] / 2, t["y_px"] - img.shape[0] / 2)
+            centre[key] += int(d.min() < 40)
+            others[key] += len(t) - 1
+    assert centre["on"] == centre["off"] >= 0.9 * len(labels)
+    assert others["on"] <= 0.7 * others["off"]

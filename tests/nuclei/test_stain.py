@@ -179,3 +179,39 @@ def test_blast_rich_synthetic_slide_keeps_a_plausible_stain_model():
     h = np.asarray(model.matrix)[:, 0]
     cos = float(h @ S.REFERENCE_STAIN_MATRIX[:, 0])
     assert cos >= np.cos(np.radians(S.MAX_HEMATOXYLIN_ANGLE_DEG)) - 1e-12
+
+
+def test_otsu_split_maximises_between_class_variance():
+    """The split of two clusters of values maximises the between-class variance of the raw
+    values (checked by brute force over candidate thresholds), and sits between the modes;
+    constant or empty input gives 0."""
+    from slidecensus.nuclei.stain import otsu_split
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0.5, 0.15, 3000), rng.normal(1.1, 0.2, 600)])
+    t = otsu_split(v)
+
+    def between(c):
+        lo, hi = v[v <= c], v[v > c]
+        return len(lo) * len(hi) * (lo.mean() - hi.mean()) ** 2
+
+    cands = np.linspace(0.4, 1.2, 161)
+    best = cands[np.argmax([between(c) for c in cands])]
+    assert 0.4 < t < 1.2
+    assert between(t) >= 0.999 * between(best)
+    assert otsu_split(np.full(10, 0.7)) == 0.0
+    assert otsu_split(np.array([])) == 0.0
+
+
+def test_stain_model_records_the_split_of_its_tissue_hematoxylin():
+    """The split sits between the concentrations of a pale stained field and its dark
+    nuclei, so objects can be judged against the slide's own nuclei."""
+    from slidecensus.nuclei.stain import estimate_stain_model, stain_concentrations
+
+    img = np.empty((120, 120, 3), np.uint8)
+    img[:] = (215, 170, 200)
+    img[30:50, 30:50] = (110, 70, 150)
+    img[70:95, 60:85] = (105, 65, 150)
+    model = estimate_stain_model(img)
+    h, _ = stain_concentrations(img, model)
+    assert h[40, 40] > model.nuclear_split_od > h[5, 5]
