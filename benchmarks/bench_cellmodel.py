@@ -81,8 +81,10 @@ def cmd_blood(args: argparse.Namespace) -> dict:
         shutil.rmtree(d, ignore_errors=True)
     norm = ("--stain-norm", args.stain_norm)
     res["stain_norm"] = args.stain_norm
+    res["seed"] = args.seed
     res["train_s"] = run_cli("train", str(work / "cohort.csv"), "--out", str(model), "--k",
-                          str(args.k), "--preset", args.preset, *norm)
+                          str(args.k), "--preset", args.preset, "--seed", str(args.seed),
+                          *norm)
     res["run_s"] = run_cli("run", str(work / "cohort.csv"), "--out", str(run), "--model",
                         str(model), *norm)
     res["run_no_classify_s"] = run_cli("run", str(work / "cohort.csv"), "--out", str(plain),
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--preset", default="auto")
     s.add_argument("--stain-norm", default="reinhard",
                    help="passed to train and run (crops are cut from the normalised tiles)")
+    s.add_argument("--seed", type=int, default=0, help="train's --seed (sample and networks)")
     s = sub.add_parser("speed")
     s.add_argument("--n", type=int, default=8192)
     s = sub.add_parser("crops")
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     res = {"blood": cmd_blood, "speed": cmd_speed, "crops": cmd_crops,
            "ablation": cmd_ablation}[args.cmd](args)
-    write_results(f"cellmodel_{args.cmd}", res)
+    seed = getattr(args, "seed", 0) if args.cmd == "blood" else 0
+    write_results(f"cellmodel_{args.cmd}" + (f"_seed{seed}" if seed else ""), res)
 
 
 if __name__ == "__main__":
