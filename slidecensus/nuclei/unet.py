@@ -51,6 +51,7 @@ __all__ = [
     "UNetSegmenter",
     "default_model_path",
     "distance_targets",
+    "fuse_for_inference",
     "instances_from_maps",
     "load_unet",
     "predict_maps",
@@ -158,6 +159,86 @@ def _build(config: UNetConfig):
     return UNet(config.widths)
 
 
+def fuse_for_inference(net: Any) -> Any:
+    """An inference copy of a trained U-Net with the same outputs and less work.
+
+    Batch norm (its running statistics) is folded into the convolution before it. Each
+    decoder's first convolution over ``cat(up, skip)`` becomes two convolutions, one per
+    input, whose outputs are summed, so the skip tensors are never copied. On one CPU core
+    the concatenations and batch norms were about 45 % of a tile's forward pass.
+    """
+    torch = _torch()
+    nn = torch.nn
+    if not hasattr(net, "merge"):
+        return net  # already fused, or another module
+
+    def fold(conv: Any, bn: Any) -> Any:
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                        padding=conv.padding, bias=True)
+        with torch.no_grad():
+            out.weight.copy_(conv.weight.detach() * scale[:, None, None, None])
+            b = conv.bias.detach() if conv.bias is not None else 0.0
+            out.bias.copy_(bn.bias.detach() + (b - bn.running_mean) * scale)
+        return out
+
+    def fused_block(blk: Any) -> Any:
+        return nn.Sequential(fold(blk[0], blk[1]), nn.ReLU(inplace=True),
+                             fold(blk[3], blk[4]), nn.ReLU(inplace=True))
+
+    def split(conv: Any, n_up: int) -> tuple[Any, Any]:
+        a = nn.Conv2d(n_up, conv.out_channels, conv.kernel_size, padding=conv.padding)
+        b = nn.Conv2d(conv.in_channels - n_up, conv.out_channels, conv.kernel_size,
+                      padding=conv.padding, bias=False)
+        with torch.no_grad():
+            a.weight.copy_(conv.weight[:, :n_up])
+            a.bias.copy_(conv.bias)
+            b.weight.copy_(conv.weight[:, n_up:])
+        return a, b
+
+    from ..fastops import max_pool2
+
+    class FusedUNet(nn.Module):
+        """The inference form of the U-Net (see :func:`fuse_for_inference`)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.ModuleList(fused_block(b) for b in net.down)
+            self.up = nn.ModuleList(
+                nn.ConvTranspose2d(u.in_channels, u.out_channels, 2, stride=2)
+                for u in net.up)
+            self.up.load_state_dict(net.up.state_dict())
+            self.merge_up, self.merge_skip, self.merge_rest = (
+                nn.ModuleList(), nn.ModuleList(), nn.ModuleList())
+            for u, blk in zip(net.up, net.merge, strict=True):
+                first = fused_block(blk)
+                a, b = split(first[0], u.out_channels)
+                self.merge_up.append(a)
+                self.merge_skip.append(b)
+                self.merge_rest.append(nn.Sequential(*list(first)[1:]))
+            self.head = nn.Conv2d(net.head.in_channels, net.head.out_channels, 1)
+            self.head.load_state_dict(net.head.state_dict())
+
+        def forward(self, x):
+            skips = []
+            for i, blk in enumerate(self.down):
+                x = blk(x if i == 0 else max_pool2(x))
+                skips.append(x)
+            skips.pop()
+            for up, a, b, rest in zip(self.up, self.merge_up, self.merge_skip,
+                                      self.merge_rest, strict=True):
+                y = a(up(x))
+                y += b(skips.pop())
+                x = rest(y)
+            return self.head(x)
+
+    fused = FusedUNet()
+    fused.eval()
+    for prm in fused.parameters():
+        prm.requires_grad_(False)
+    return fused
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -260,8 +341,11 @@ def predict_maps(net: Any, rgb: np.ndarray, divisor: int, bf16: bool = False
     ph, pw = -h % divisor, -w % divisor
     if ph or pw:
         a = np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    x = torch.from_numpy((a - _IN_MEAN) / _IN_STD).permute(2, 0, 1)[None]
-    x = x.contiguous(memory_format=torch.channels_last)
+    # copied into a fresh channels-last tensor: a view of the numpy array with a batch
+    # axis added has a batch stride of 0 or 3, which convolution does not take as
+    # channels-last, and the whole network then ran in NCHW, 3x slower on one core
+    x = torch.empty((1, 3, a.shape[0], a.shape[1]), memory_format=torch.channels_last)
+    x.copy_(torch.from_numpy((a - _IN_MEAN) / _IN_STD).permute(2, 0, 1)[None])
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         y = net(x)
     y = torch.sigmoid(y.float())[0, :, :h, :w].numpy()
@@ -303,7 +387,8 @@ class UNetSegmenter:
 
     def __init__(self, net: Any, config: UNetConfig, record: dict | None = None,
                  bf16: bool = False) -> None:
-        self.net, self.config, self.record, self.bf16 = net, config, record or {}, bf16
+        self.net = fuse_for_inference(net)
+        self.config, self.record, self.bf16 = config, record or {}, bf16
         self._radius: int | None = None
 
     @property

@@ -125,3 +125,28 @@ def test_tiny_unet_trained_on_synthetic_patches_finds_held_out_nuclei():
         c = match_instances(test_lab, pred)
         counts = c if counts is None else counts + c
     assert counts.f1 >= 0.9, counts
+
+
+def test_fused_inference_network_equals_the_trained_one():
+    """Folding batch norm into the convolutions and splitting the decoders' concatenated
+    convolutions gives the same maps as the network it came from (running statistics made
+    non-trivial by a few training-mode passes)."""
+    import torch
+
+    from slidecensus.nuclei.unet import UNetConfig, _build, fuse_for_inference
+
+    torch.manual_seed(0)
+    net = _build(UNetConfig(widths=(8, 16, 32)))
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(2, 3, 32, 32) * 2 + 0.5)
+    net.eval()
+    fused = fuse_for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(1, 3, 48, 64)
+    with torch.inference_mode():
+        ref, out = net(x), fused(x)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), float((out - ref).abs().max())
+    assert fuse_for_inference(fused) is fused
