@@ -340,11 +340,14 @@ class Segmenter:
         if self.kind != "unet":
             return None
         from ..hardware import cpu_bf16_native
-        from .unet import cached_unet
+        from .unet import cached_unet, unet_device
 
         # bf16 where the CPU runs it natively: the shipped model's MoNuSeg and marrow scores
-        # match fp32 within 0.0005 (docs/benchmarks.md, the learned segmenter)
-        return cached_unet(self.model, self.model_sha256, bf16=cpu_bf16_native())
+        # match fp32 within 0.0005 (docs/benchmarks.md, the learned segmenter). On a GPU it
+        # stays fp32 until bf16 is measured there.
+        device = unet_device()
+        bf16 = device == "cpu" and cpu_bf16_native()
+        return cached_unet(self.model, self.model_sha256, bf16=bf16, device=device)
 
     def describe(self) -> str:
         """``threshold``, ``unet`` or ``unet:PATH``."""

@@ -58,6 +58,7 @@ __all__ = [
     "receptive_radius_px",
     "save_unet",
     "train_unet",
+    "unet_device",
 ]
 
 UNET_FORMAT = "slidecensus.unet"
@@ -333,9 +334,11 @@ def predict_maps(net: Any, rgb: np.ndarray, divisor: int, bf16: bool = False
     """Foreground probability and normalised distance (float32, (h, w)) of one RGB image.
 
     The image (0-255, at the model's resolution) is edge-padded at its bottom and right to a
-    multiple of ``divisor``; the pad is cut off again.
+    multiple of ``divisor``; the pad is cut off again. It runs on the network's device
+    (a GPU worker's CUDA device, see :func:`load_unet`); ``bf16`` autocasts there.
     """
     torch = _torch()
+    dev = next(net.parameters()).device
     a = np.asarray(rgb, dtype=np.float32)
     h, w = a.shape[:2]
     ph, pw = -h % divisor, -w % divisor
@@ -346,9 +349,11 @@ def predict_maps(net: Any, rgb: np.ndarray, divisor: int, bf16: bool = False
     # channels-last, and the whole network then ran in NCHW, 3x slower on one core
     x = torch.empty((1, 3, a.shape[0], a.shape[1]), memory_format=torch.channels_last)
     x.copy_(torch.from_numpy((a - _IN_MEAN) / _IN_STD).permute(2, 0, 1)[None])
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    if dev.type != "cpu":
+        x = x.to(dev, non_blocking=True)
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         y = net(x)
-    y = torch.sigmoid(y.float())[0, :, :h, :w].numpy()
+    y = torch.sigmoid(y.float())[0, :, :h, :w].cpu().numpy()
     return np.ascontiguousarray(y[0]), np.ascontiguousarray(y[1])
 
 
@@ -360,12 +365,12 @@ def receptive_radius_px(net: Any, divisor: int, size: int = 128) -> int:
     """
     torch = _torch()
     size = -(-size // divisor) * divisor
-    z = torch.zeros(1, 3, size, size)
+    z = torch.zeros(1, 3, size, size, device=next(net.parameters()).device)
     imp = z.clone()
     c = size // 2
     imp[0, :, c, c] = 1.0
     with torch.inference_mode():
-        d = (net(imp) - net(z)).abs().amax(dim=1)[0].numpy()
+        d = (net(imp) - net(z)).abs().amax(dim=1)[0].cpu().numpy()
     ys, xs = np.nonzero(d > 0)
     if ys.size == 0:
         return 0
@@ -442,8 +447,10 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_unet(path: str | Path | None = None, bf16: bool = False) -> UNetSegmenter:
-    """Read a U-Net file with ``weights_only=True`` (None: the shipped default).
+def load_unet(path: str | Path | None = None, bf16: bool = False,
+              device: str | None = None) -> UNetSegmenter:
+    """Read a U-Net file with ``weights_only=True`` (None: the shipped default), ready for
+    inference on ``device`` (None: CUDA where the process sees a GPU, else the CPU).
 
     Raises
     ------
@@ -463,14 +470,26 @@ def load_unet(path: str | Path | None = None, bf16: bool = False) -> UNetSegment
         raise CheckpointError(path, f"weights do not fit the U-Net configuration "
                                     f"({type(exc).__name__}: {first[:200]})") from exc
     net.eval()
-    net = net.to(memory_format=_torch().channels_last)
-    return UNetSegmenter(net, config, dict(data.get("record") or {}), bf16=bf16)
+    torch = _torch()
+    net = net.to(memory_format=torch.channels_last)
+    seg = UNetSegmenter(net, config, dict(data.get("record") or {}), bf16=bf16)
+    dev = torch.device(unet_device() if device is None else device)
+    if dev.type != "cpu":
+        seg.net = seg.net.to(dev)
+    return seg
+
+
+def unet_device() -> str:
+    """Where the U-Net runs in this process: ``cuda`` when torch sees a GPU, else ``cpu``."""
+    return "cuda" if _torch().cuda.is_available() else "cpu"
 
 
 @functools.lru_cache(maxsize=4)
-def cached_unet(path: str, sha256: str = "", bf16: bool = False) -> UNetSegmenter:
-    """:func:`load_unet` once per process and file (workers segment many tiles with it)."""
-    return load_unet(path or None, bf16=bf16)
+def cached_unet(path: str, sha256: str = "", bf16: bool = False,
+                device: str | None = None) -> UNetSegmenter:
+    """:func:`load_unet` once per process, file and device (workers segment many tiles
+    with it)."""
+    return load_unet(path or None, bf16=bf16, device=device)
 
 
 # --------------------------------------------------------------------------- training

@@ -150,3 +150,19 @@ def test_fused_inference_network_equals_the_trained_one():
     assert out.shape == ref.shape
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), float((out - ref).abs().max())
     assert fuse_for_inference(fused) is fused
+
+
+def test_unet_runs_where_asked_and_on_the_cpu_without_a_gpu():
+    """The loaded U-Net sits on the device asked for (the CPU here; CUDA on a GPU worker,
+    not testable on this machine), and the process default follows torch's view of CUDA."""
+    import torch
+
+    from slidecensus.nuclei.unet import load_unet, unet_device
+
+    seg = load_unet(device="cpu")
+    assert next(seg.net.parameters()).device.type == "cpu"
+    assert unet_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    rgb = np.full((40, 44, 3), 200.0, np.float32)
+    fg, dist = seg.maps(rgb, seg.config.mpp)
+    assert fg.shape == dist.shape == (40, 44)
+    assert np.isfinite(fg).all() and (0 <= fg).all() and (fg <= 1).all()
