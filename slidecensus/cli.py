@@ -240,7 +240,7 @@ def _cmd_segmenter_train(args: argparse.Namespace) -> int:
     from .nuclei.unettrain import SegmenterTraining, train_segmenter
 
     training = SegmenterTraining(n_patches=args.patches, iterations=args.iterations,
-                                 importance=not args.no_importance, hard=not args.no_hard,
+                                 importance=args.importance, hard=not args.no_hard,
                                  seed=args.seed)
     path = train_segmenter(args.images, args.out, training,
                            command=shlex.join(["slidecensus", *sys.argv[1:]]))
@@ -445,8 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patches", type=int, default=1200, help="synthetic patches")
     t.add_argument("--iterations", type=int, default=600)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-importance", action="store_true",
-                   help="do not weight patches by how real they look")
+    imp = t.add_mutually_exclusive_group()
+    imp.add_argument("--importance", dest="importance", action="store_true", default=False,
+                     help="weight patches by how real they look (Hou et al. 3.3; off by "
+                          "default: it lowered AJI, docs/benchmarks.md)")
+    imp.add_argument("--no-importance", dest="importance", action="store_false",
+                     help="no importance weights (the default)")
     t.add_argument("--no-hard", action="store_true", help="no hard examples")
     t.set_defaults(func=_cmd_segmenter_train)
 

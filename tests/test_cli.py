@@ -146,3 +146,31 @@ def test_the_module_forms_of_the_command_run(module):
                           text=True, timeout=120)
     assert done.returncode == 0
     assert "usage: slidecensus" in done.stdout and "demo" in done.stdout
+
+
+def test_segmenter_train_then_segment_with_it(marrow_pngs, tmp_path, capsys):
+    """`segmenter train` makes a U-Net file from an unlabelled image (weights-only loadable,
+    its settings recorded, importance weights off by default); `segment --segmenter unet
+    --segmenter-model` then writes the threshold segmenter's columns; a foreign file is
+    refused in one line before any work."""
+    from slidecensus.nuclei.unet import load_unet
+
+    model = tmp_path / "unet.pt"
+    assert main(["segmenter", "train", str(marrow_pngs[0]), "--out", str(model),
+                 "--patches", "16", "--iterations", "3"]) == 0
+    seg = load_unet(model)
+    rec = seg.record
+    assert rec["training"]["importance"] is False and rec["training"]["iterations"] == 3
+    out_u, out_t = tmp_path / "u.parquet", tmp_path / "t.parquet"
+    assert main(["segment", str(marrow_pngs[0]), "--mpp", "0.25", "--out", str(out_u),
+                 "--segmenter", "unet", "--segmenter-model", str(model)]) == 0
+    assert main(["segment", str(marrow_pngs[0]), "--mpp", "0.25", "--out", str(out_t)]) == 0
+    assert list(pd.read_parquet(out_u).columns) == list(pd.read_parquet(out_t).columns)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    capsys.readouterr()
+    assert main(["segment", str(marrow_pngs[0]), "--out", str(tmp_path / "x.parquet"),
+                 "--segmenter", "unet", "--segmenter-model", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.pt" in err
+    assert not (tmp_path / "x.parquet").exists()

@@ -5,8 +5,8 @@
    liberal hematoxylin threshold marks everything that could be nucleus (removed from the
    background) (:func:`bank_from_image`).
 2. Synthetic patches with exact labels are drawn from those textures (:mod:`.synthpatch`).
-3. Optionally each patch is weighted by how real it looks (:mod:`.importance`), against
-   random real patches of the same images.
+3. Optionally (``--importance``; off by default, as measured) each patch is weighted by
+   how real it looks (:mod:`.importance`), against random real patches of the same images.
 4. The U-Net is trained on them (:func:`~.unet.train_unet`) and written with its
    configuration and a record of how it was made (:func:`~.unet.save_unet`).
 
@@ -48,7 +48,9 @@ class SegmenterTraining:
     iterations: int = 1500
     batch: int = 16
     hard: bool = True
-    importance: bool = True
+    # Hou et al.'s importance weights are an option: with hard examples they cost 0.04
+    # AJI on unseen MoNuSeg images and made training 4x longer (docs/benchmarks.md)
+    importance: bool = False
     importance_iterations: int = 300
     importance_clip: float = 10.0
     seed: int = 0
