@@ -514,29 +514,16 @@ def estimate_stain_model(
     )
 
 
-def otsu_split(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values``: the split that maximises the between-class variance
-    of a ``bins``-bin histogram (the upper edge of the lower class). 0.0 when the values
-    are constant or empty.
+def otsu_split(values: np.ndarray) -> float:
+    """Otsu's threshold of ``values`` (scikit-image's, 256 bins), or 0.0 when the values are
+    empty or constant and so have no split."""
+    from skimage.filters import threshold_otsu
 
-    References
-    ----------
-    .. [1] N. Otsu, "A threshold selection method from gray-level histograms",
-       IEEE Trans. SMC 9(1):62-66, 1979.
-    """
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0 or v.min() == v.max():
         return 0.0
-    counts, edges = np.histogram(v, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(counts)[:-1].astype(np.float64)
-    w1 = v.size - w0
-    s0 = np.cumsum(counts * centres)[:-1]
-    m0 = s0 / np.maximum(w0, 1)
-    m1 = (s0[-1] + counts[-1] * centres[-1] - s0) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(edges[1:-1][int(np.argmax(between))])
+    return float(threshold_otsu(v))
 
 
 def stain_concentrations(rgb: np.ndarray, model: StainModel) -> tuple[np.ndarray, np.ndarray]:
