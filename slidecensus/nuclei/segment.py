@@ -167,8 +167,8 @@ class SegmentParams:
         nuclei, above the fixed threshold only because the slide is pale overall. On
         Romanowsky (MGG, Giemsa) blood smears these are the denser red cells: 0.8 drops 95
         of 166 non-central objects of 300 blood-cell images and keeps every central
-        leukocyte and platelet; bone-marrow F1 is unchanged to 4 decimals and MoNuSeg
-        (training images) moves by 0.0003 Dice (docs/segmentation.md). 0 keeps all.
+        leukocyte and platelet, while bone-marrow F1 and MoNuSeg (training images) Dice,
+        AJI and F1 are unchanged to 4 decimals (docs/segmentation.md). 0 keeps all.
     halo_um : float
         Halo of tiles: at least the diameter of the largest nucleus.
     work_mpp : float
