@@ -20,14 +20,8 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.bench_segment import DATA
+from benchmarks.bench_unet import MARROW, MONUSEG, marrow_scores, monuseg_scores
 from benchmarks.harness import write_results
-from slidecensus.nuclei.scoring import (
-    DetectionCounts,
-    aggregated_jaccard_index,
-    detection_counts,
-    match_instances,
-    pixel_dice,
-)
 from slidecensus.nuclei.segment import SegmentParams, segment_image
 
 
@@ -47,27 +41,6 @@ def blood(params: SegmentParams, n: int = 300) -> dict:
     return {"images_with_a_cell": images, "central_cell_found": central, "other_objects": others}
 
 
-def marrow(params: SegmentParams) -> dict:
-    c = DetectionCounts(0, 0, 0)
-    for p in sorted((DATA / "bone-marrow-he" / "images").glob("*.png")):
-        ann = np.loadtxt(DATA / "bone-marrow-he" / "annotations" / (p.stem + ".txt"),
-                         skiprows=1)[:, :2]
-        _, t = segment_image(iio.imread(p)[..., :3], mpp=0.25, params=params)
-        c += detection_counts(t[["x_px", "y_px"]].to_numpy(), ann, 12.0)
-    return {"f1": c.f1, "precision": c.precision, "recall": c.recall}
-
-
-def monuseg(params: SegmentParams) -> dict:
-    dice, aji, det = [], [], DetectionCounts(0, 0, 0)
-    for p in sorted((DATA / "monuseg-train" / "images").glob("*.png")):
-        truth = iio.imread(DATA / "monuseg-train" / "labels" / p.name)
-        lab, _ = segment_image(iio.imread(p)[..., :3], mpp=0.25, params=params)
-        dice.append(pixel_dice(truth, lab))
-        aji.append(aggregated_jaccard_index(truth, lab))
-        det += match_instances(truth, lab)
-    return {"dice": float(np.mean(dice)), "aji": float(np.mean(aji)), "f1": det.f1}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.8])
@@ -75,8 +48,9 @@ def main() -> None:
     res = {}
     for r in args.ratios:
         params = SegmentParams(min_relative_hematoxylin=r)
-        res[str(r)] = {"blood": blood(params), "marrow": marrow(params),
-                       "monuseg": monuseg(params)}
+        res[str(r)] = {"blood": blood(params),
+                       "marrow": marrow_scores(None, MARROW, params),
+                       "monuseg": monuseg_scores(None, MONUSEG, params)}
         print(r, res[str(r)], flush=True)
     write_results("smear_filter", res)
 

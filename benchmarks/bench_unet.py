@@ -58,12 +58,12 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def monuseg_scores(seg: Segmenter, paths: list[Path]) -> dict:
+def monuseg_scores(seg: Segmenter | None, paths: list[Path], params=None) -> dict:
     """Mean Dice and AJI, and pooled detection F1, of ``seg`` on MoNuSeg ``paths``."""
     dice, aji, det = [], [], DetectionCounts(0, 0, 0)
     for p in paths:
         truth = iio.imread(DATA / "monuseg-train" / "labels" / p.name)
-        lab, _ = segment_image(iio.imread(p)[..., :3], mpp=0.25, segmenter=seg)
+        lab, _ = segment_image(iio.imread(p)[..., :3], mpp=0.25, segmenter=seg, params=params)
         dice.append(pixel_dice(truth, lab))
         aji.append(aggregated_jaccard_index(truth, lab))
         det += match_instances(truth, lab)
@@ -71,13 +71,13 @@ def monuseg_scores(seg: Segmenter, paths: list[Path]) -> dict:
             "f1": det.f1}
 
 
-def marrow_scores(seg: Segmenter, paths: list[Path]) -> dict:
+def marrow_scores(seg: Segmenter | None, paths: list[Path], params=None) -> dict:
     """Pooled detection F1, precision and recall of ``seg`` on marrow ``paths``."""
     c = DetectionCounts(0, 0, 0)
     for p in paths:
         ann = np.loadtxt(DATA / "bone-marrow-he" / "annotations" / (p.stem + ".txt"),
                          skiprows=1)[:, :2]
-        _, t = segment_image(iio.imread(p)[..., :3], mpp=0.25, segmenter=seg)
+        _, t = segment_image(iio.imread(p)[..., :3], mpp=0.25, segmenter=seg, params=params)
         c += detection_counts(t[["x_px", "y_px"]].to_numpy(), ann, 12.0)
     return {"images": len(paths), "f1": c.f1, "precision": c.precision, "recall": c.recall}
 
