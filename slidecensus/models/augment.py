@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentSpec", "augment", "iic_loss", "rot90_views"]
+__all__ = ["AugmentSpec", "augment", "iic_loss", "nt_xent", "rot90_views"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,27 @@ def iic_loss(p1: torch.Tensor, p2: torch.Tensor, eps: float = 1e-8) -> torch.Ten
     pi = joint.sum(dim=1, keepdim=True)
     pj = joint.sum(dim=0, keepdim=True)
     return -(joint * (joint.log() - pi.log() - pj.log())).sum()
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """The normalised temperature-scaled cross-entropy of SimCLR (Chen et al. 2020).
+
+    Each of the 2B embeddings must pick out the other view of its own crop among the
+    other 2B - 1, by cosine similarity over ``temperature``.
+
+    Parameters
+    ----------
+    z1, z2 : Tensor, shape (B, d)
+        Projections of two views of the same B crops (row i of each is crop i).
+
+    Returns
+    -------
+    Tensor
+        A scalar, the mean over the 2B embeddings; ``log(2B - 1)`` when all are equal.
+    """
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    b = z1.shape[0]
+    sim = z @ z.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, target)

@@ -47,6 +47,7 @@ __all__ = [
     "CriticHead",
     "CriticTrunk",
     "Generator",
+    "ProjectionHead",
     "QHead",
     "build_generator",
     "build_trunk",
@@ -192,6 +193,21 @@ class CriticHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Critic values, shape (B,)."""
         return self.fc(h).squeeze(1)
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's projection g(h): a hidden layer, ReLU, then ``out`` dimensions, on which
+    the contrastive term is computed (the trunk's features below it keep more of what
+    the views do not share; Chen et al. 2020). Used in training only."""
+
+    def __init__(self, width: int, hidden: int = 128, out: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(int(width), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Projections, shape (B, out)."""
+        return self.net(h)
 
 
 class QHead(nn.Module):

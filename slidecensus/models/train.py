@@ -53,13 +53,14 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from ..hardware import cpu_bf16_reason, use_bf16
-from .augment import AugmentSpec, augment, iic_loss
+from .augment import AugmentSpec, augment, iic_loss, nt_xent
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .networks import (
     ARCHS,
     CROP_SIZE,
     ColourHistogram,
     CriticHead,
+    ProjectionHead,
     QHead,
     build_generator,
     build_trunk,
@@ -171,6 +172,12 @@ class TrainConfig:
         Weight of the consistency term on real crops: minus the mutual information between
         Q's clusters of two augmented views of the same crops (IIC, Ji et al. 2019); 0
         turns it off (the paper).
+    lambda_nce, nce_temperature : float
+        Weight of a contrastive term on the same views (SimCLR's NT-Xent on a projection
+        of the trunk's features, Chen et al. 2020): each view must recognise the other
+        view of its crop among the batch. It teaches the trunk what tells real cells
+        apart, which the critic's game alone does poorly on a small trunk; 0 turns it off.
+        Needs ``lambda_iic`` > 0 (it shares its real batches).
     over_k : int
         Clusters of an auxiliary over-clustering head trained with the same term (0: none).
     iic_batch : int
@@ -220,6 +227,8 @@ class TrainConfig:
     lambda_iic: float = 0.0
     over_k: int = 0
     iic_batch: int = 128
+    lambda_nce: float = 0.0
+    nce_temperature: float = 0.2
     augment: str = "rot90"
     crop_mode: str = "nucleus"
     crop_window_um: float = 18.0
@@ -245,6 +254,12 @@ class TrainConfig:
                             f"{self.crop_window_um!r}")
         if self.lambda_iic < 0:
             problems.append(f"lambda_iic must be >= 0, got {self.lambda_iic}")
+        if self.lambda_nce < 0:
+            problems.append(f"lambda_nce must be >= 0, got {self.lambda_nce}")
+        if self.lambda_nce > 0 and self.lambda_iic <= 0:
+            problems.append("lambda_nce needs lambda_iic > 0 (it uses the same real views)")
+        if self.nce_temperature <= 0:
+            problems.append(f"nce_temperature must be > 0, got {self.nce_temperature}")
         if self.over_k < 0 or self.over_k == 1:
             problems.append(f"over_k must be 0 (no over-clustering head) or >= 2, got "
                             f"{self.over_k}")
@@ -357,6 +372,8 @@ def build_networks(config: TrainConfig) -> nn.ModuleDict:
         }
         if config.over_k:
             nets["Q_over"] = QHead(q_dim, config.over_k, norm=config.q_norm, hidden=dim)
+        if config.lambda_nce > 0:  # training only: the census never reads it
+            nets["P"] = ProjectionHead(dim)
         return nn.ModuleDict(nets)
 
 
@@ -500,10 +517,12 @@ class InfoGANTrainer:
         self.G, self.trunk = self.nets["G"], self.nets["D_trunk"]
         self.d_head, self.q_head = self.nets["D_head"], self.nets["Q_head"]
         self.q_over = self.nets["Q_over"] if "Q_over" in self.nets else None
+        self.proj = self.nets["P"] if "P" in self.nets else None
         self.use_amp = use_bf16(device.type, config.amp, config.amp_cpu)
         self.augment_spec = AugmentSpec()
         self.colour = ColourHistogram().to(device) if config.q_colour else None
         self.last_iic = torch.zeros((), device=device)
+        self.last_nce = torch.zeros((), device=device)
 
         def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]
                  ) -> torch.optim.Adam:
@@ -515,6 +534,8 @@ class InfoGANTrainer:
         q_params = [*self.G.parameters(), *self.q_head.parameters()]
         if self.q_over is not None:
             q_params += list(self.q_over.parameters())
+        if self.proj is not None:
+            q_params += list(self.proj.parameters())
         if config.q_trains_trunk:
             q_params += list(self.trunk.parameters())
         self.opt_q = adam(q_params, config.lr_q or config.lr, config.betas_q or config.betas)
@@ -589,22 +610,27 @@ class InfoGANTrainer:
             logits = self.q_head(q_input(self.trunk, fake, self.colour))
         loss_q = cfg.lambda_q * info_loss(logits, c)
         loss_iic = torch.zeros((), device=self.device)
+        loss_nce = torch.zeros((), device=self.device)
         if real is not None and cfg.lambda_iic > 0:
             views = torch.cat([augment(real, self.gen, self.augment_spec),
                                augment(real, self.gen, self.augment_spec)])
             with self._amp():
                 views = self._fmt(views)
-                h = q_input(self.trunk, views, self.colour)
+                ht = self.trunk(views)
+                h = q_input(self.trunk, views, self.colour, h=ht)
                 heads = [self.q_head] + ([self.q_over] if self.q_over is not None else [])
                 for head in heads:
                     p1, p2 = F.softmax(head(h).float(), dim=1).chunk(2)
                     loss_iic = loss_iic + iic_loss(p1, p2)
-        loss = loss_q + cfg.lambda_iic * loss_iic
+                if self.proj is not None:
+                    loss_nce = nt_xent(*self.proj(ht).chunk(2), cfg.nce_temperature)
+        loss = loss_q + cfg.lambda_iic * loss_iic + cfg.lambda_nce * loss_nce
         self.opt_q.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_q.step()
         self._set_grad(self.d_params, True)
         self.last_iic = loss_iic.detach()
+        self.last_nce = loss_nce.detach()
         return loss_q.detach()
 
     # -- state
@@ -692,6 +718,8 @@ def train_infogan(
         ckpt = load_checkpoint(out)
         saved = ckpt["config"]
         diff = [key for key in ARCH_KEYS if saved.get(key) != getattr(config, key)]
+        if (float(saved.get("lambda_nce", 0.0)) > 0) != (config.lambda_nce > 0):
+            diff.append("lambda_nce")
         if diff:
             raise CheckpointError(out, "cannot resume: architecture differs in "
                                   + ", ".join(f"{key} ({saved.get(key)} saved, "
@@ -710,7 +738,7 @@ def train_infogan(
         if start_it >= total:
             return out
 
-    acc = torch.zeros(6, device=dev)  # sums of loss_d, gp, w_dist, loss_g, loss_q, iic
+    acc = torch.zeros(7, device=dev)  # sums of loss_d, gp, w_dist, loss_g, loss_q, iic, nce
     n_acc = 0
     t_run = time.perf_counter()
     t_log, it_log = t_run, start_it
@@ -736,7 +764,8 @@ def train_infogan(
             loss_d, gp, w_dist = trainer.critic_step(batches.next())
         loss_g = trainer.generator_step()
         loss_q = trainer.q_step(iic_batches.next() if iic_batches else None)
-        acc += torch.stack([loss_d, gp, w_dist, loss_g, loss_q, trainer.last_iic])
+        acc += torch.stack([loss_d, gp, w_dist, loss_g, loss_q, trainer.last_iic,
+                            trainer.last_nce])
         n_acc += 1
         done = it + 1
         if done % log_every == 0 or done == total:
@@ -744,7 +773,7 @@ def train_infogan(
             means = (acc / n_acc).tolist()
             rec = {"iteration": done, "total": total, "loss_d": means[0], "gp": means[1],
                    "w_dist": means[2], "loss_g": means[3], "loss_q": means[4],
-                   "loss_iic": means[5],
+                   "loss_iic": means[5], "loss_nce": means[6],
                    "it_per_s": (done - it_log) / max(now - t_log, 1e-9)}
             history.append(rec)
             (progress or _log_progress)(rec)
@@ -772,7 +801,8 @@ def format_progress(rec: dict[str, float]) -> str:
     return (f"it {int(rec['iteration'])}/{int(rec['total'])}  {rec['it_per_s']:.2f} it/s  "
             f"L_D {rec['loss_d']:.3f} (GP {rec['gp']:.3f}, W {rec['w_dist']:.3f})  "
             f"L_G {rec['loss_g']:.3f}  L_Q {rec['loss_q']:.3f}"
-            + (f"  L_IIC {rec['loss_iic']:.3f}" if rec.get("loss_iic") else ""))
+            + (f"  L_IIC {rec['loss_iic']:.3f}" if rec.get("loss_iic") else "")
+            + (f"  L_NCE {rec['loss_nce']:.3f}" if rec.get("loss_nce") else ""))
 
 
 def _log_progress(rec: dict[str, float]) -> None:

@@ -120,6 +120,49 @@ def test_iic_loss_rewards_agreeing_balanced_clusters():
     assert iic_loss(onehot, shuffled).item() > iic_loss(onehot, onehot).item() + 1.0
 
 
+def test_nt_xent_matches_hand_computed_cases():
+    from slidecensus.models.augment import nt_xent
+
+    # two crops, orthogonal embeddings, both views equal: each embedding sees its pair at
+    # cos 1 and two others at cos 0, so the loss is -log(e^(1/T) / (e^(1/T) + 2))
+    e = torch.eye(2)
+    t = 0.5
+    want = -np.log(np.exp(1 / t) / (np.exp(1 / t) + 2))
+    assert nt_xent(e, e, t).item() == pytest.approx(want, rel=1e-5)
+    # all embeddings equal: the pair is one of 2B - 1 equally likely choices
+    same = torch.ones(5, 3)
+    assert nt_xent(same, same, 0.2).item() == pytest.approx(np.log(9), rel=1e-5)
+    # swapping the second view's rows breaks the pairs: the loss grows
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    assert nt_xent(z, z.roll(1, 0)).item() > nt_xent(z, z).item() + 1.0
+    # scale does not matter (cosine similarity)
+    assert nt_xent(3 * z, z).item() == pytest.approx(nt_xent(z, z).item(), rel=1e-5)
+
+
+def test_contrastive_term_trains_a_projection_and_records_its_loss(tmp_path):
+    """With lambda_nce > 0 the checkpoint holds the projection head and the history the
+    term's value; the census model loads without it; a resume with the term switched off
+    is refused."""
+    from slidecensus.models.checkpoint import CheckpointError, load_checkpoint
+
+    crops, _ = typed_cell_crops(20, seed=1)
+    cfg = preset_config("fast", k=4, iterations=6, seed=0, lambda_nce=1.0,
+                        checkpoint_every=3, refine="none")
+    out = tmp_path / "m.pt"
+    records = []
+    train_infogan(crops, cfg, out, log_every=3, progress=records.append)
+    ckpt = load_checkpoint(out)
+    assert "P" in ckpt["weights"]
+    assert all(r["loss_nce"] > 0 for r in records)
+    clusters, _ = predict(load_model(out), crops)
+    assert clusters.shape == (len(crops),)
+    off = preset_config("fast", k=4, iterations=12, seed=0, lambda_nce=0.0, refine="none")
+    with pytest.raises(CheckpointError, match="lambda_nce"):
+        train_infogan(crops, off, out, resume=True, log_every=100, progress=lambda r: None)
+    with pytest.raises(InvalidInputError, match="lambda_nce"):
+        preset_config("fast", lambda_nce=1.0, lambda_iic=0.0)
+
+
 def test_kmeans_finds_separated_groups():
     gen = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
