@@ -323,7 +323,10 @@ class GuidedConfig:
     """How a guided model is trained (stored in its checkpoint).
 
     ``loss`` is ``guided`` (L_guide2D + distance loss, growing embeddings) or ``ce``
-    (cross-entropy on a linear layer over the same embedding: the baseline).
+    (cross-entropy on a linear layer over the same embedding: the baseline). With
+    ``w_ce`` > 0 the guided losses also get ``w_ce`` times that cross-entropy on the
+    embedding's active dimensions: the map stays anchored to the guide while the
+    dimensions beyond the first two separate types the guide places close together.
     An epoch is one pass over the training cells, or ``min_steps_per_epoch`` batches
     when that is more (a few hundred labels: several augmented passes per epoch). With
     ``tta`` the final embeddings (head fit, census) average the crop's 8 rotations and
@@ -345,6 +348,7 @@ class GuidedConfig:
     w_guide: float = 1.0
     w_dist: float = 1.0
     w_rest: float = 1.0
+    w_ce: float = 0.0
     val_fraction: float = 0.2
     min_steps_per_epoch: int = 25
     tta: bool = True
@@ -360,6 +364,8 @@ class GuidedConfig:
         problems = []
         if self.loss not in ("guided", "ce"):
             problems.append(f"loss must be guided or ce, got {self.loss!r}")
+        if not (math.isfinite(self.w_ce) and self.w_ce >= 0):
+            problems.append(f"w_ce must be a finite number >= 0, got {self.w_ce}")
         if self.n_max < 2:
             problems.append(f"n_max must be >= 2, got {self.n_max}")
         if self.epochs < 1 or self.batch_size < 2 or self.width < 1:
@@ -371,6 +377,12 @@ class GuidedConfig:
             problems.append(f"heads must be among knnK, linear, mlp, softmax; got {bad}")
         if problems:
             raise InvalidInputError("; ".join(problems))
+
+    @property
+    def uses_logits(self) -> bool:
+        """Whether the network has the linear classification layer (``ce``, or the
+        guided losses with a cross-entropy term)."""
+        return self.loss == "ce" or self.w_ce > 0
 
     @property
     def k(self) -> int:
@@ -549,8 +561,7 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
     gxy = torch.tensor(guide.xy, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = GuidedNet(config.n_max, config.width,
-                        n_cls if config.loss == "ce" else 0)
+        net = GuidedNet(config.n_max, config.width, n_cls if config.uses_logits else 0)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = max(-(-len(tr) // config.batch_size), config.min_steps_per_epoch)
@@ -586,6 +597,8 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
                 t = gxy[yb]
                 loss = (config.w_guide * guide2d_loss(emb, t, config.w_rest)
                         + config.w_dist * distance_loss(emb, t))
+                if config.w_ce > 0:
+                    loss = loss + config.w_ce * F.cross_entropy(net.logits(emb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -612,7 +625,7 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
     n_act = best[3]
     e_all = _embed(net, crops, n_act, config.amp_cpu, tta=config.tta)
     yall = torch.from_numpy(y)
-    heads = [h for h in config.heads if h != "softmax" or config.loss == "ce"]
+    heads = [h for h in config.heads if h != "softmax" or config.uses_logits]
     scores = {}
     for h in heads:
         fitted = _fit_head(h, e_all[tr], ytr, n_cls, config.seed)
@@ -678,7 +691,7 @@ class GuidedModel:
         data = load_weights_file(path, GUIDED_FORMAT, GUIDED_FORMAT_VERSION,
                                  ("config", "weights", "summary"), "guided-model")
         cfg = GuidedConfig.from_dict(data["config"])
-        net = GuidedNet(cfg.n_max, cfg.width, cfg.k if cfg.loss == "ce" else 0)
+        net = GuidedNet(cfg.n_max, cfg.width, cfg.k if cfg.uses_logits else 0)
         net.load_state_dict(data["weights"]["net"])
         raw = dict(data["weights"]["head"])
         ws = sorted((k for k in raw if k.startswith("w") and k[1:].isdigit()),

@@ -185,6 +185,11 @@ class TrainConfig:
     augment : str
         ``rot90`` (the paper's four rotations) or ``affine`` (rotations by any angle,
         flips, scale, shift, stain jitter and noise for the consistency term's views).
+    view_scale : float
+        Half-range of the views' zoom (``affine``): each view is scaled by a factor drawn
+        from [1 - view_scale, 1 + view_scale]. The crop is a fixed physical window, so
+        a nucleus' size is a trait of its type; the views should not teach the trunk to
+        ignore it.
     refine, refine_steps : str, int
         ``kmeans``: after the last iteration, cluster the trunk's features of the real
         crops with k-means and train Q's head alone (``refine_steps`` Adam steps) to
@@ -230,6 +235,7 @@ class TrainConfig:
     lambda_nce: float = 0.0
     nce_temperature: float = 0.2
     augment: str = "rot90"
+    view_scale: float = 0.15
     crop_mode: str = "nucleus"
     crop_window_um: float = 18.0
     refine: str = "none"
@@ -265,6 +271,8 @@ class TrainConfig:
                             f"{self.over_k}")
         if self.refine not in REFINES:
             problems.append(f"refine must be one of {', '.join(REFINES)}, got {self.refine!r}")
+        if not (math.isfinite(self.view_scale) and 0 <= self.view_scale < 1):
+            problems.append(f"view_scale must be in [0, 1), got {self.view_scale}")
         if self.iic_batch < 2:
             problems.append(f"iic_batch must be >= 2, got {self.iic_batch}")
         if self.lr_q is not None and not self.lr_q > 0:
@@ -519,7 +527,8 @@ class InfoGANTrainer:
         self.q_over = self.nets["Q_over"] if "Q_over" in self.nets else None
         self.proj = self.nets["P"] if "P" in self.nets else None
         self.use_amp = use_bf16(device.type, config.amp, config.amp_cpu)
-        self.augment_spec = AugmentSpec()
+        self.augment_spec = AugmentSpec(scale=(1 - config.view_scale,
+                                               1 + config.view_scale))
         self.colour = ColourHistogram().to(device) if config.q_colour else None
         self.last_iic = torch.zeros((), device=device)
         self.last_nce = torch.zeros((), device=device)

@@ -107,6 +107,31 @@ def test_augment_keeps_white_outside_and_changes_the_crop():
     assert not torch.allclose(v1, v2)
 
 
+def test_view_scale_sets_the_zoom_of_the_views_and_keeps_sizes():
+    """``view_scale`` bounds the views' zoom: at 0 a centred disc keeps its area under any
+    rotation, at 0.3 its area changes by up to (1.3)^2; bad values are refused."""
+    from slidecensus.models.train import InfoGANTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    for vs in (0.0, 0.05):
+        cfg = preset_config("fast", k=4, view_scale=vs)
+        trainer = InfoGANTrainer(cfg, torch.device("cpu"), gen)
+        assert trainer.augment_spec.scale == pytest.approx((1 - vs, 1 + vs))
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = torch.ones(64, 3, 32, 32)
+    disc[:, :, ((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 36] = -1.0
+
+    def areas(scale):
+        spec = AugmentSpec(scale=scale, shift=0.0, stain=0.0, noise=0.0)
+        return (augment(disc, gen, spec)[:, 0] < 0).sum((1, 2)).float() / (disc[0, 0] < 0).sum()
+
+    assert torch.all((areas((1.0, 1.0)) - 1).abs() < 0.1)
+    wide = areas((0.7, 1.3))
+    assert float(wide.max() - wide.min()) > 0.5
+    with pytest.raises(InvalidInputError, match="view_scale"):
+        preset_config("fast", view_scale=1.5)
+
+
 def test_iic_loss_rewards_agreeing_balanced_clusters():
     k = 4
     onehot = torch.eye(k).repeat(25, 1)  # 100 crops, balanced
