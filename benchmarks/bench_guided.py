@@ -129,7 +129,8 @@ def cmd_cv(args: argparse.Namespace) -> dict:
             mode = {"crop_mode": args.crop_mode} if args.crop_mode else {}
             cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp, **mode,
                                width=args.width, tta=not args.no_tta,
-                               w_rest=args.w_rest, w_dist=args.w_dist, w_ce=args.w_ce)
+                               w_rest=args.w_rest, w_dist=args.w_dist,
+                               **({} if args.w_ce is None else {"w_ce": args.w_ce}))
             m = train_guided(crops[tr], labels[tr], cfg)
             cls, _, e2 = predict_guided(m, crops[te])
             pred[te] = np.array(m.classes)[cls]
@@ -215,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--w-rest", type=float, default=1.0,
                    help="weight of L_guide2D's norm of the dimensions beyond two")
     s.add_argument("--w-dist", type=float, default=1.0, help="weight of the distance loss")
-    s.add_argument("--w-ce", type=float, default=0.0,
-                   help="weight of a cross-entropy term next to the guided losses")
+    s.add_argument("--w-ce", type=float, default=None,
+                   help="weight of the cross-entropy term next to the guided losses "
+                        "(0: Gräbel et al.'s losses alone; default: GuidedConfig's)")
     s.add_argument("--tag", default="", help="suffix of the results file")
     s.add_argument("--methods", default="guided,ce",
                    help="guided, ce, guided-fp32, ce-fp32 (comma-separated)")

@@ -211,8 +211,8 @@ def test_cross_entropy_term_next_to_the_guided_losses(tmp_path):
     _, p2 = predict(load_model(path), crops[:20])
     np.testing.assert_allclose(p2, probs, atol=1e-5)
     # without the term a guided model has no layer to take a softmax from
-    plain = train_guided(crops, names, GuidedConfig(epochs=1, width=4, heads=("softmax",
-                                                                              "knn1")))
+    plain = train_guided(crops, names, GuidedConfig(epochs=1, width=4, w_ce=0.0,
+                                                    heads=("softmax", "knn1")))
     assert plain.net.logits is None and plain.summary["head"] == "knn1"
     with pytest.raises(InvalidInputError, match="w_ce"):
         GuidedConfig(w_ce=-1.0)
