@@ -201,15 +201,17 @@ def test_cross_entropy_term_next_to_the_guided_losses(tmp_path):
     """w_ce > 0 adds the classification layer to a guided model (saved and reloaded with
     it), keeps the map growing and anchored, and makes the softmax a candidate head."""
     crops, names = _discs(120, 5)
-    cfg = GuidedConfig(epochs=4, width=8, n_max=4, batch_size=32, w_ce=1.0,
+    cfg = GuidedConfig(epochs=8, width=8, n_max=4, batch_size=32, w_ce=1.0,
                        heads=("softmax",))
     path = tmp_path / "g.pt"
     model = train_guided(crops, names, cfg, out=path)
     assert model.net.logits is not None and model.summary["head"] == "softmax"
-    assert [h["dims"] for h in model.summary["history"]] == [2, 2, 2, 3]
-    _, probs, _ = predict_guided(model, crops[:20])
-    _, p2 = predict(load_model(path), crops[:20])
+    assert [h["dims"] for h in model.summary["history"]] == [2, 2, 2, 3, 4, 4, 4, 4]
+    cls, probs, _ = predict_guided(model, crops[:60])
+    _, p2 = predict(load_model(path), crops[:60])
     np.testing.assert_allclose(p2, probs, atol=1e-5)
+    # the layer was trained by the term: its softmax names the cells
+    assert np.mean(np.array(model.classes)[cls] == names[:60]) >= 0.9
     # without the term a guided model has no layer to take a softmax from
     plain = train_guided(crops, names, GuidedConfig(epochs=1, width=4, w_ce=0.0,
                                                     heads=("softmax", "knn1")))
