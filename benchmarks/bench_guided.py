@@ -130,7 +130,9 @@ def cmd_cv(args: argparse.Namespace) -> dict:
             cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp, **mode,
                                width=args.width, tta=not args.no_tta,
                                w_rest=args.w_rest, w_dist=args.w_dist,
-                               **({} if args.w_ce is None else {"w_ce": args.w_ce}))
+                               **({} if args.w_ce is None else {"w_ce": args.w_ce}),
+                               **({"heads": tuple(args.heads.split(","))} if args.heads
+                                  else {}))
             m = train_guided(crops[tr], labels[tr], cfg)
             cls, _, e2 = predict_guided(m, crops[te])
             pred[te] = np.array(m.classes)[cls]
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--w-ce", type=float, default=None,
                    help="weight of the cross-entropy term next to the guided losses "
                         "(0: Gräbel et al.'s losses alone; default: GuidedConfig's)")
+    s.add_argument("--heads", default=None,
+                   help="candidate heads, e.g. knn5,mlp,softmax (default: GuidedConfig's)")
     s.add_argument("--tag", default="", help="suffix of the results file")
     s.add_argument("--methods", default="guided,ce",
                    help="guided, ce, guided-fp32, ce-fp32 (comma-separated)")
