@@ -3,6 +3,7 @@
     python -m benchmarks.bench_guided crops            # cache the census' crops in /tmp
     python -m benchmarks.bench_guided cv [--epochs 30] [--methods guided,ce]
     python -m benchmarks.bench_guided stability        # Procrustes distance of two seeds
+    python -m benchmarks.bench_guided speed            # census-time cells/s, one thread
 
 The 1200 images of ../shared/data/blood-cells are slides at 0.1 µm/px, each labelled at its
 centre point (w/2, h/2), as ``bench_cellmodel.py blood`` treats them. ``crops`` runs the
@@ -22,6 +23,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +39,11 @@ BLOOD_MPP = 0.1
 CROPS = CACHE / "guided-crops.npz"
 
 
-def _crops_file(mode: str | None) -> Path:
-    """The crop cache of ``mode`` (None: the guided model's default crop mode)."""
-    return CROPS if not mode else CACHE / f"guided-crops-{mode}.npz"
+def _crops_file(mode: str | None, size: int = 32) -> Path:
+    """The crop cache of ``mode`` (None: the guided model's default crop mode) at ``size``
+    px."""
+    name = CROPS.stem + (f"-{mode}" if mode else "") + (f"-{size}px" if size != 32 else "")
+    return CACHE / f"{name}.npz"
 
 
 def cmd_crops(args: argparse.Namespace) -> dict:
@@ -54,8 +58,8 @@ def cmd_crops(args: argparse.Namespace) -> dict:
     spec = GuidedConfig().crop_spec()
     if args.crop_mode:
         spec = {**spec, "mode": args.crop_mode}
-    params = CensusParams().with_model_crops(spec)
-    crops = np.full((len(labels), 32, 32, 3), 255, np.uint8)
+    params = replace(CensusParams().with_model_crops(spec), crop_size=args.crop_size)
+    crops = np.full((len(labels), args.crop_size, args.crop_size, 3), 255, np.uint8)
     matched = np.zeros(len(labels), bool)
     how = []
     t0 = time.perf_counter()
@@ -70,7 +74,7 @@ def cmd_crops(args: argparse.Namespace) -> dict:
             matched[i] = True
         if i % 100 == 0:
             print(f"{i}/{len(labels)} {time.perf_counter() - t0:.0f} s", flush=True)
-    out = _crops_file(args.crop_mode)
+    out = _crops_file(args.crop_mode, args.crop_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, crops=crops, matched=matched,
                         labels=labels["cell_type"].to_numpy(str), how=np.array(how))
@@ -91,8 +95,8 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _load(mode: str | None = None):
-    d = np.load(_crops_file(mode))
+def _load(mode: str | None = None, size: int = 32):
+    d = np.load(_crops_file(mode, size))
     return d["crops"], d["matched"], d["labels"]
 
 
@@ -112,7 +116,7 @@ def cmd_cv(args: argparse.Namespace) -> dict:
     from slidecensus.models import GuidedConfig, predict_guided, train_guided
 
     torch.set_num_threads(1)
-    crops, matched, labels = _load(args.crop_mode)
+    crops, matched, labels = _load(args.crop_mode, args.crop_size)
     classes = sorted(set(labels.tolist()))
     fold = _folds(labels, 5, 0)
     out: dict = {"images": len(labels), "matched": int(matched.sum()), "epochs": args.epochs,
@@ -129,6 +133,7 @@ def cmd_cv(args: argparse.Namespace) -> dict:
             mode = {"crop_mode": args.crop_mode} if args.crop_mode else {}
             cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp, **mode,
                                width=args.width, tta=not args.no_tta,
+                               crop_size=args.crop_size,
                                w_rest=args.w_rest, w_dist=args.w_dist,
                                **({} if args.w_ce is None else {"w_ce": args.w_ce}),
                                **({"heads": tuple(args.heads.split(","))} if args.heads
@@ -185,7 +190,7 @@ def cmd_stability(args: argparse.Namespace) -> dict:
     from slidecensus.models import GuidedConfig, predict_guided, train_guided
 
     torch.set_num_threads(1)
-    crops, matched, labels = _load(args.crop_mode)
+    crops, matched, labels = _load(args.crop_mode, args.crop_size)
     fold = _folds(labels, 5, 0)
     tr = np.flatnonzero((fold != 0) & matched)
     te = np.flatnonzero((fold == 0) & matched)
@@ -203,14 +208,68 @@ def cmd_stability(args: argparse.Namespace) -> dict:
     return res
 
 
+def cmd_speed(args: argparse.Namespace) -> dict:
+    """Census-time classification rate of a guided model, cells/s on one thread: the
+    network's forward pass in NCHW and channels-last, fp32 and bf16, and
+    :func:`predict_guided` end to end (8-view averaging on and off), per crop size."""
+    import torch
+
+    from slidecensus.models import GuidedConfig, predict_guided, train_guided
+    from slidecensus.models.guided import GuidedNet, _autocast
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    res: dict = {"threads": 1, "cells": args.cells, "torch": torch.__version__, "rows": []}
+
+    def rate(fn, n: int) -> float:
+        fn()  # warm-up (oneDNN picks its kernels)
+        best = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return n / best
+
+    for size in args.sizes:
+        x = torch.from_numpy(rng.uniform(-1, 1, (512, 3, size, size)).astype(np.float32))
+        net = GuidedNet(8, 32, 8).eval()
+        for layout in ("nchw", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            n, xx = net.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+            for amp in (False, True):
+                def fwd(n=n, xx=xx, amp=amp):
+                    with torch.no_grad(), _autocast(amp):
+                        n(xx)
+                res["rows"].append({"size": size, "what": "forward", "layout": layout,
+                                    "dtype": "bf16" if amp else "fp32",
+                                    "cells_per_s": round(rate(fwd, len(x)))})
+                print(res["rows"][-1], flush=True)
+        crops = rng.integers(0, 256, (256, size, size, 3), dtype=np.uint8)
+        names = np.array(["lymphocyte", "monocyte"])[np.arange(256) % 2]
+        model = train_guided(crops, names, GuidedConfig(epochs=1, crop_size=size,
+                                                        min_steps_per_epoch=1))
+        test = rng.integers(0, 256, (args.cells, size, size, 3), dtype=np.uint8)
+        for tta in (True, False):
+            object.__setattr__(model.config, "tta", tta)
+            r = rate(lambda m=model, t=test: predict_guided(m, t), len(test))
+            res["rows"].append({"size": size, "what": "predict_guided",
+                                "tta": "8 views" if tta else "1 view",
+                                "cells_per_s": round(r)})
+            print(res["rows"][-1], flush=True)
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     crop_help = "crop mode of the cached crops (default: the guided model's)"
+    size_help = "crop size in px of the cached crops (the same 18 µm window)"
     s = sub.add_parser("crops")
     s.add_argument("--crop-mode", default=None, help=crop_help)
+    s.add_argument("--crop-size", type=int, default=32, help=size_help)
     s = sub.add_parser("cv")
     s.add_argument("--crop-mode", default=None, help=crop_help)
+    s.add_argument("--crop-size", type=int, default=32, help=size_help)
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--width", type=int, default=32)
     s.add_argument("--folds", type=int, default=5, help="folds run (of 5)")
@@ -229,8 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("stability")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--crop-mode", default=None, help=crop_help)
+    s.add_argument("--crop-size", type=int, default=32, help=size_help)
+    s = sub.add_parser("speed")
+    s.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    s.add_argument("--cells", type=int, default=2048)
+    s.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    res = {"crops": cmd_crops, "cv": cmd_cv, "stability": cmd_stability}[args.cmd](args)
+    res = {"crops": cmd_crops, "cv": cmd_cv, "stability": cmd_stability,
+           "speed": cmd_speed}[args.cmd](args)
     write_results(f"guided_{args.cmd}{getattr(args, 'tag', '')}", res)
 
 

@@ -121,6 +121,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_guided(args)
     if args.guide is not None:
         raise InvalidInputError("--guide needs --labels CELLS.csv (a guided model)")
+    if args.crop_size is not None:
+        raise InvalidInputError("--crop-size needs --labels CELLS.csv (the InfoGAN's crops "
+                                "are 32 px, as in Hu et al.)")
 
     settings = {"k": args.k, "width": args.width, "epochs": args.epochs,
                 "iterations": args.iterations}
@@ -145,8 +148,8 @@ def _train_guided(args: argparse.Namespace) -> int:
     from .engine.train import train_guided_from_cohort
     from .nuclei.segment import segment_params_from
 
-    settings = {key: v for key, v in (("epochs", args.epochs), ("width", args.width))
-                if v is not None}
+    settings = {key: v for key, v in (("epochs", args.epochs), ("width", args.width),
+                                      ("crop_size", args.crop_size)) if v is not None}
     if "epochs" in settings:
         settings["epochs"] = max(1, int(round(settings["epochs"])))
     params = CensusParams(segment=segment_params_from(args.set), stain_norm=_stain_norm(args))
@@ -479,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unmatched", type=Path, default=None, metavar="CSV",
                    help="with --labels: where to list points that matched no nucleus "
                         "(default OUT.unmatched.csv)")
+    s.add_argument("--crop-size", type=int, default=None, metavar="PX",
+                   help="with --labels: crop side in px for the same 18 µm window (default "
+                        "the guided model's; the census cuts the model's size)")
     _add_segment_set(s)
     _add_stain_norm(s)
     _add_segmenter(s)

@@ -93,14 +93,16 @@ class CensusParams:
         return self.crop_mode or ("nucleus" if self.masked_crops else "box")
 
     def with_model_crops(self, spec: dict | None) -> CensusParams:
-        """These parameters with the crop mode a model was trained on (its config's
-        :meth:`~slidecensus.models.TrainConfig.crop_spec`); unchanged for None."""
+        """These parameters with the crops a model was trained on (its config's
+        :meth:`~slidecensus.models.TrainConfig.crop_spec`: mode, window and, for guided
+        models, size in px); unchanged for None."""
         if not spec:
             return self
         from dataclasses import replace
 
         return replace(self, crop_mode=str(spec["mode"]),
-                       crop_window_um=float(spec.get("window_um", self.crop_window_um)))
+                       crop_window_um=float(spec.get("window_um", self.crop_window_um)),
+                       crop_size=int(spec.get("size", self.crop_size)))
 
     def tile_peak_bytes(self) -> int:
         """Conservative peak memory of one tile task (read window with a 128-px halo)."""

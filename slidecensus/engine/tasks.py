@@ -331,7 +331,7 @@ def finish_slide(slide_id: str, out: OutputDir, plan: SlidePlan, k: int,
                                                                          strict=False)]
                                 ) if tiles else np.zeros(0, np.int64)
     sample = (np.concatenate([c for _, c, _ in tiles]) if tiles
-              else np.zeros((0, 32, 32, 3), np.uint8))
+              else np.zeros((0, params.crop_size, params.crop_size, 3), np.uint8))
     write_crop_sample(out, slide_id, sample, sample_ids.astype(np.int64), cells, params)
     grid = region_grid(plan.shape, plan.mpp, params.region_um)
     counts = region_counts(cells["x_px"].to_numpy(), cells["y_px"].to_numpy(),

@@ -464,7 +464,8 @@ def labelled_slide_crops(path: str, mpp: float | None, params: CensusParams,
             tables.append(table)
             crops.append(c)
     cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    allc = np.concatenate(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    c = params.crop_size
+    allc = np.concatenate(crops) if crops else np.zeros((0, c, c, 3), np.uint8)
     row, how, dist = match_points(pts, cells, MATCH_UM / plan.mpp)
     why = f"no nucleus within {MATCH_UM:g} µm" if tables else "no tissue tile at the point"
     how = np.where(row < 0, why, how)
@@ -506,7 +507,8 @@ def gather_labelled_crops(client: Any, table: pd.DataFrame, labels: pd.DataFrame
         report.loc[idx, "dist_um"] = res["dist_um"]
         crops.append(res["crops"])
         names.extend(labels.loc[idx[ok], "label"].tolist())
-    allc = np.concatenate(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    c = params.crop_size
+    allc = np.concatenate(crops) if crops else np.zeros((0, c, c, 3), np.uint8)
     return allc, np.asarray(names, dtype=str), report
 
 

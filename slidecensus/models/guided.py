@@ -360,11 +360,14 @@ class GuidedConfig:
     amp_cpu: bool = True
     crop_mode: str = "window"
     crop_window_um: float = 18.0
+    crop_size: int = 32
     stain_norm: str = "reinhard"
     crop_lab_target: tuple | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if not 16 <= self.crop_size <= 128:
+            problems.append(f"crop_size must be from 16 to 128 px, got {self.crop_size}")
         if self.loss not in ("guided", "ce"):
             problems.append(f"loss must be guided or ce, got {self.loss!r}")
         if not (math.isfinite(self.w_ce) and self.w_ce >= 0):
@@ -410,8 +413,10 @@ class GuidedConfig:
         return cls(**kw)
 
     def crop_spec(self) -> dict[str, Any]:
-        """How the census must cut crops for this model (``mode``, ``window_um``)."""
-        return {"mode": self.crop_mode, "window_um": float(self.crop_window_um)}
+        """How the census must cut crops for this model (``mode``, ``window_um``,
+        ``size`` in px)."""
+        return {"mode": self.crop_mode, "window_um": float(self.crop_window_um),
+                "size": int(self.crop_size)}
 
 
 # --------------------------------------------------------------------------- heads
@@ -489,9 +494,16 @@ def _head_proba(head: dict[str, Any], emb: torch.Tensor, n_classes: int,
 # --------------------------------------------------------------------------- training
 
 
+#: Memory layout of the guided network's activations: channels-last with bf16 made a
+#: forward pass 1.9x and a training step 1.3x faster than NCHW on one core
+#: (docs/benchmarks.md, "Guided embeddings").
+CL = torch.channels_last
+
+
 def _to_input(crops_u8: np.ndarray) -> torch.Tensor:
+    """uint8 crops (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], channels-last."""
     return torch.from_numpy(np.ascontiguousarray(crops_u8)).permute(0, 3, 1, 2).float() \
-        .div_(127.5).sub_(1.0)
+        .div_(127.5).sub_(1.0).contiguous(memory_format=CL)
 
 
 def _mask(n_active: int, n_max: int) -> torch.Tensor:
@@ -518,7 +530,8 @@ def _embed(net: GuidedNet, crops: np.ndarray, n_active: int, amp: bool,
         for s in range(0, len(crops), batch_size):
             x = _to_input(crops[s:s + batch_size])
             views = range(8) if tta else range(1)
-            e = torch.stack([net(_dihedral(x, i)).float() for i in views]).mean(0)
+            e = torch.stack([net(_dihedral(x, i).contiguous(memory_format=CL)).float()
+                             for i in views]).mean(0)
             parts.append(e * mask)
     return torch.cat(parts) if parts else torch.zeros(0, len(mask))
 
@@ -543,9 +556,10 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
     """
     t0 = time.perf_counter()
     crops = np.asarray(crops)
-    if crops.ndim != 4 or crops.shape[1:] != (32, 32, 3) or crops.dtype != np.uint8:
-        raise InvalidInputError(f"crops must be uint8 (N, 32, 32, 3), got {crops.dtype} "
-                                f"{crops.shape}")
+    c = config.crop_size
+    if crops.ndim != 4 or crops.shape[1:] != (c, c, 3) or crops.dtype != np.uint8:
+        raise InvalidInputError(f"crops must be uint8 (N, {c}, {c}, 3) (the config's "
+                                f"crop_size), got {crops.dtype} {crops.shape}")
     labels = np.asarray([str(v) for v in labels])
     if len(labels) != len(crops):
         raise InvalidInputError(f"{len(labels)} labels for {len(crops)} crops")
@@ -564,7 +578,8 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
     gxy = torch.tensor(guide.xy, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = GuidedNet(config.n_max, config.width, n_cls if config.uses_logits else 0)
+        net = GuidedNet(config.n_max, config.width, n_cls if config.uses_logits else 0
+                        ).to(memory_format=CL)
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = max(-(-len(tr) // config.batch_size), config.min_steps_per_epoch)
@@ -589,7 +604,7 @@ def train_guided(crops: np.ndarray, labels: Sequence[str], config: GuidedConfig,
             b = perm[s:s + config.batch_size]
             if len(b) < 2:
                 continue
-            x = augment(_to_input(crops[tr[b]]), gen, spec)
+            x = augment(_to_input(crops[tr[b]]), gen, spec).contiguous(memory_format=CL)
             with _autocast(config.amp_cpu):
                 emb = net(x)
             emb = emb.float() * mask
@@ -696,6 +711,7 @@ class GuidedModel:
         cfg = GuidedConfig.from_dict(data["config"])
         net = GuidedNet(cfg.n_max, cfg.width, cfg.k if cfg.uses_logits else 0)
         net.load_state_dict(data["weights"]["net"])
+        net = net.to(memory_format=CL)
         raw = dict(data["weights"]["head"])
         ws = sorted((k for k in raw if k.startswith("w") and k[1:].isdigit()),
                     key=lambda k: int(k[1:]))
@@ -712,11 +728,13 @@ def predict_guided(model: GuidedModel, crops: np.ndarray, batch_size: int = 512
     """Classes (N,) int64, probabilities (N, k) float32 and the 2-D guide-map position
     (N, 2) float32 (the embedding's first two dimensions) of uint8 crops (N, 32, 32, 3)."""
     crops = np.asarray(crops)
-    if crops.ndim != 4 or crops.shape[1:] != (32, 32, 3):
-        raise InvalidInputError(f"crops must have shape (N, 32, 32, 3), got {crops.shape}")
     if len(crops) == 0:
         return (np.zeros(0, np.int64), np.zeros((0, model.k), np.float32),
                 np.zeros((0, 2), np.float32))
+    c = model.config.crop_size
+    if crops.ndim != 4 or crops.shape[1:] != (c, c, 3):
+        raise InvalidInputError(f"crops must have shape (N, {c}, {c}, 3) (the model's "
+                                f"crop_size), got {crops.shape}")
     with model.lock:
         emb = _embed(model.net, crops.astype(np.uint8, copy=False), model.dims,
                      model.config.amp_cpu, batch_size, tta=model.config.tta)

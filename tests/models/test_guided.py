@@ -243,3 +243,28 @@ def test_training_refuses_bad_inputs():
         train_guided(crops, names[:5], GuidedConfig(epochs=1, width=4))
     with pytest.raises(InvalidInputError, match="loss"):
         GuidedConfig(loss="triplet")
+
+
+def test_crop_size_is_the_models_and_the_census_cuts_it(tmp_path):
+    """A guided model trained on 64-px crops keeps that size in its checkpoint, refuses
+    crops of another size, and makes the census cut 64-px crops (the InfoGAN stays 32)."""
+    from slidecensus.engine.plan import CensusParams
+    from slidecensus.models import TrainConfig
+
+    crops, names = _discs(60, 3)
+    big = crops.repeat(2, axis=1).repeat(2, axis=2)
+    path = tmp_path / "g64.pt"
+    with pytest.raises(InvalidInputError, match="crop_size"):
+        train_guided(crops, names, GuidedConfig(epochs=1, width=8, crop_size=64))
+    model = train_guided(big, names, GuidedConfig(epochs=1, width=8, crop_size=64), out=path)
+    loaded = load_model(path)
+    assert loaded.config.crop_size == 64
+    assert predict_guided(loaded, big[:5])[1].shape == (5, 3)
+    with pytest.raises(InvalidInputError, match="crop_size"):
+        predict_guided(loaded, crops[:5])
+    assert predict_guided(model, big[:0])[1].shape == (0, 3)  # no cells, any tile
+    params = CensusParams().with_model_crops(loaded.config.crop_spec())
+    assert params.crop_size == 64 and params.crop_mode == loaded.config.crop_mode
+    assert CensusParams().with_model_crops(TrainConfig().crop_spec()).crop_size == 32
+    with pytest.raises(InvalidInputError, match="crop_size"):
+        GuidedConfig(crop_size=8)
