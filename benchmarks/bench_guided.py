@@ -133,7 +133,7 @@ def cmd_cv(args: argparse.Namespace) -> dict:
             mode = {"crop_mode": args.crop_mode} if args.crop_mode else {}
             cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp, **mode,
                                width=args.width, tta=not args.no_tta,
-                               crop_size=args.crop_size,
+                               crop_size=args.crop_size, stem=args.stem,
                                w_rest=args.w_rest, w_dist=args.w_dist,
                                **({} if args.w_ce is None else {"w_ce": args.w_ce}),
                                **({"heads": tuple(args.heads.split(","))} if args.heads
@@ -142,10 +142,11 @@ def cmd_cv(args: argparse.Namespace) -> dict:
             cls, _, e2 = predict_guided(m, crops[te])
             pred[te] = np.array(m.classes)[cls]
             emb[te] = e2
+            held = _scores(labels[te], pred[te], classes)["macro_f1"]
             info.append({"fold": f, "head": m.summary["head"], "best_epoch":
                          m.summary["best_epoch"], "val_macro_f1": round(
                              m.summary["val_macro_f1"], 3), "train_s": round(
-                             m.summary["time_s"], 1)})
+                             m.summary["time_s"], 1), "held_out_macro_f1": round(held, 3)})
             print(method, info[-1], flush=True)
         done = np.array([p != "" for p in pred])
         run = fold < args.folds  # the images of the folds run
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("cv")
     s.add_argument("--crop-mode", default=None, help=crop_help)
     s.add_argument("--crop-size", type=int, default=32, help=size_help)
+    s.add_argument("--stem", type=int, default=0,
+                   help="input stages (conv + 2 x 2 pooling) before the 32-px layers")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--width", type=int, default=32)
     s.add_argument("--folds", type=int, default=5, help="folds run (of 5)")
