@@ -124,6 +124,7 @@ def cmd_cv(args: argparse.Namespace) -> dict:
     for method in args.methods.split(","):
         loss, amp = method.split("-")[0], not method.endswith("-fp32")
         pred = np.array([""] * len(labels), dtype=object)
+        pred1 = pred.copy()
         emb = np.full((len(labels), 2), np.nan)
         info = []
         t0 = time.perf_counter()
@@ -147,6 +148,14 @@ def cmd_cv(args: argparse.Namespace) -> dict:
                          m.summary["best_epoch"], "val_macro_f1": round(
                              m.summary["val_macro_f1"], 3), "train_s": round(
                              m.summary["time_s"], 1), "held_out_macro_f1": round(held, 3)})
+            if m.config.tta and args.one_view_too:
+                # the same network, its head refit on one-view embeddings: what tta=False
+                # trains, without training twice
+                m1 = _one_view(m, crops[tr], labels[tr])
+                cls1, _, _ = predict_guided(m1, crops[te])
+                pred1[te] = np.array(m1.classes)[cls1]
+                info[-1]["held_out_macro_f1_one_view"] = round(
+                    _scores(labels[te], pred1[te], classes)["macro_f1"], 3)
             print(method, info[-1], flush=True)
         done = np.array([p != "" for p in pred])
         run = fold < args.folds  # the images of the folds run
@@ -154,11 +163,30 @@ def cmd_cv(args: argparse.Namespace) -> dict:
                "all_images": _scores(labels[run], np.where(done, pred, "unmatched")[run],
                                      classes),
                "folds": info, "minutes": round((time.perf_counter() - t0) / 60, 1)}
+        if args.one_view_too and (pred1 != "").any():
+            d1 = pred1 != ""
+            res["matched_only_one_view"] = _scores(labels[d1], pred1[d1], classes)
         if loss == "guided":
             res["intra_class_variance"] = _intra(emb[done], labels[done], classes)
         out["methods"][method] = res
         print(method, json.dumps({k: v for k, v in res.items() if k != "folds"}), flush=True)
     return out
+
+
+def _one_view(model, crops: np.ndarray, labels: np.ndarray):
+    """``model`` with ``tta`` off and its chosen head refit on one-view embeddings of the
+    cells it was trained on (train_guided refits the head on all of them, as here)."""
+    import dataclasses
+
+    import torch
+
+    from slidecensus.models.guided import GuidedModel, _embed, _fit_head
+
+    cfg = dataclasses.replace(model.config, tta=False)
+    y = torch.from_numpy(np.searchsorted(np.array(model.classes), labels))
+    emb = _embed(model.net, crops, model.dims, cfg.amp_cpu, tta=False)
+    head = _fit_head(model.summary["head"], emb, y, model.k, cfg.seed)
+    return GuidedModel(cfg, model.summary, model.net, head, model.dims, model.device)
 
 
 def _intra(emb: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
@@ -277,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--width", type=int, default=32)
     s.add_argument("--folds", type=int, default=5, help="folds run (of 5)")
     s.add_argument("--no-tta", action="store_true", help="no 8-view test-time averaging")
+    s.add_argument("--one-view-too", action="store_true",
+                   help="also score each fold's network with one view (head refit)")
     s.add_argument("--w-rest", type=float, default=1.0,
                    help="weight of L_guide2D's norm of the dimensions beyond two")
     s.add_argument("--w-dist", type=float, default=1.0, help="weight of the distance loss")

@@ -268,3 +268,37 @@ def test_crop_size_is_the_models_and_the_census_cuts_it(tmp_path):
     assert CensusParams().with_model_crops(TrainConfig().crop_spec()).crop_size == 32
     with pytest.raises(InvalidInputError, match="crop_size"):
         GuidedConfig(crop_size=8)
+
+
+def test_test_time_averaging_makes_the_embedding_orientation_free():
+    """With ``tta`` a crop and its rotations and mirror images get the same embedding (the
+    mean over the same 8 views); one view does not, so the test can tell them apart."""
+    crops, names = _discs(60, 4)
+    model = train_guided(crops, names, GuidedConfig(epochs=1, width=8, tta=True))
+    turned = [np.rot90(crops[:12], q, axes=(1, 2)) for q in (1, 2, 3)] + [crops[:12, :, ::-1]]
+    _, p0, e0 = predict_guided(model, crops[:12])
+    for t in turned:
+        _, p, e = predict_guided(model, np.ascontiguousarray(t))
+        np.testing.assert_allclose(e, e0, atol=1e-4)
+        np.testing.assert_allclose(p, p0, atol=1e-4)
+    one = GuidedModel(GuidedConfig.from_dict({**model.config.to_dict(), "tta": False}),
+                      model.summary, model.net, model.head, model.dims, model.device)
+    e1 = predict_guided(one, crops[:12])[2]
+    e1r = predict_guided(one, np.ascontiguousarray(turned[0]))[2]
+    assert np.abs(e1 - e1r).max() > 1e-3
+
+
+def test_stem_stages_take_larger_crops_and_round_trip(tmp_path):
+    """``stem`` pools a 64-px crop down to the 32-px layers; the stage count is kept in the
+    checkpoint, so the loaded network has the same shape and predictions."""
+    crops, names = _discs(60, 5)
+    big = crops.repeat(2, axis=1).repeat(2, axis=2)
+    path = tmp_path / "stem.pt"
+    model = train_guided(big, names, GuidedConfig(epochs=1, width=8, crop_size=64, stem=1),
+                         out=path)
+    loaded = load_model(path)
+    assert loaded.config.stem == 1
+    np.testing.assert_allclose(predict_guided(loaded, big[:6])[1],
+                               predict_guided(model, big[:6])[1], atol=1e-5)
+    with pytest.raises(InvalidInputError, match="stem"):
+        GuidedConfig(stem=3)
