@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default OUT.unmatched.csv)")
     s.add_argument("--crop-size", type=int, default=None, metavar="PX",
                    help="with --labels: crop side in px for the same 18 µm window (default "
-                        "the guided model's; the census cuts the model's size)")
+                        "64 where the window spans more than 48 px of the labelled slides, "
+                        "else 32; the census cuts the model's size)")
     _add_segment_set(s)
     _add_stain_norm(s)
     _add_segmenter(s)

@@ -33,7 +33,7 @@ from ..nuclei.normalize import StainNorm, StainTarget
 from .cohort import read_cohort, safe_name
 from .modelfiles import ModelRef, is_url, local_model, model_exists, pin_model
 from .outputs import OutputDir, RunLock
-from .plan import COHORT_TARGET, CensusParams, SlidePlan, plan_slide
+from .plan import COHORT_TARGET, CensusParams, SlidePlan, model_crop_spec, plan_slide
 from .tasks import TileFailure, classify_task, finish_slide, segment_tile_guarded
 
 __all__ = [
@@ -256,9 +256,7 @@ def run_cohort(
     model_config = _model_config(model)  # loads it: a foreign or damaged one stops here
     k = int(model_config.get("k", 0))
     if model_config:  # the census cuts the crops the model was trained on
-        params = params.with_model_crops({"mode": model_config.get("crop_mode", "nucleus"),
-                                          "window_um": model_config.get("crop_window_um",
-                                                                        18.0)})
+        params = params.with_model_crops(model_crop_spec(model_config))
         lab = model_config.get("crop_lab_target")
         if lab and params.stain_norm.is_default:  # the crops in the cohort style it learned
             params = replace(params, stain_norm=StainNorm(

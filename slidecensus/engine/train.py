@@ -29,7 +29,14 @@ from ..nuclei.normalize import StainNorm
 from .census import Progress, ProgressCallback, _has_gpu_worker, _one_line, _row_mpp
 from .cohort import read_cohort
 from .modelfiles import is_url
-from .plan import CensusParams, cohort_stain_target, plan_slide, slide_lab_stats
+from .plan import (
+    CensusParams,
+    cohort_stain_target,
+    guided_crop_size,
+    plan_slide,
+    slide_lab_stats,
+    slide_mpp,
+)
 from .tasks import segment_tile_task
 
 __all__ = [
@@ -595,6 +602,9 @@ def train_guided_from_cohort(
                                             params=params, seed=seed, settings=settings,
                                             unmatched_out=unmatched_out, progress=progress)
     config = replace(config, stain_norm=params.stain_norm.describe())
+    if "crop_size" not in (settings or {}):
+        config = _auto_crop_size(client, table, points, config)
+        params = params.with_model_crops(config.crop_spec())
     if progress is not None:
         progress(Progress("sample", 0, int(points["slide_id"].nunique()),
                           dashboard=getattr(client, "dashboard_link", None)))
@@ -633,6 +643,29 @@ def train_guided_from_cohort(
     finally:
         client.unsubscribe_topic(TRAIN_TOPIC)
     return (result if is_url(result) else Path(result)), report
+
+
+def _auto_crop_size(client: Any, table: pd.DataFrame, points: pd.DataFrame,
+                    config: Any) -> Any:
+    """``config`` with the crop size of :func:`~slidecensus.engine.plan.guided_crop_size`
+    for the labelled slides' resolution (read on the workers), logged."""
+    rows = table[table["slide_id"].astype(str).isin(set(points["slide_id"].astype(str)))]
+    futs = [client.submit(slide_mpp, r["path"], _row_mpp(r), pure=False)
+            for _, r in rows.iterrows()]
+    mpps = []
+    for f in futs:
+        try:
+            mpps.append(f.result())
+        except Exception as exc:  # an unreadable slide fails later, alone, with its reason
+            log.debug("no resolution for one labelled slide: %s", exc)
+    if not mpps:
+        return config
+    size = guided_crop_size(mpps, config.crop_window_um)
+    log.info("guided crops: %d px for the %g µm window (labelled slides at a median %.3g "
+             "µm/px, %d px of their own); --crop-size overrides", size,
+             config.crop_window_um, float(np.median(mpps)),
+             round(config.crop_window_um / float(np.median(mpps))))
+    return replace(config, crop_size=size)
 
 
 def _show_guided(event: tuple[float, dict], progress: ProgressCallback | None = None) -> None:

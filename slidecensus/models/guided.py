@@ -3,10 +3,11 @@
 Where a few hundred cells carry labels, the census can count named types. An *embedding
 guide* puts every cell type at a point of a 2-D map (blasts at the centre, each lineage
 along its own direction, maturity growing outwards; :func:`default_guide`). A compact CNN
-maps each 32 x 32 crop to an embedding whose first two dimensions are pulled towards its
-type's guide point (:func:`guide2d_loss`) while the pairwise distances of a batch's
-embeddings follow the guide's (:func:`distance_loss`); the number of dimensions in use
-grows with the epoch (:func:`active_dims`). A small classification head on the embedding
+maps each cell's crop (the census' 18 µm window, 64 x 64 px by default) to an embedding
+whose first two dimensions are pulled towards its type's guide point
+(:func:`guide2d_loss`) while the pairwise distances of a batch's embeddings follow the
+guide's (:func:`distance_loss`); the number of dimensions in use grows with the epoch
+(:func:`active_dims`). A small classification head on the embedding
 (k nearest neighbours, softmax regression or a one-layer MLP, chosen by validation macro
 F1) names each cell. Uses torch, numpy and the standard library only.
 
@@ -290,8 +291,9 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 class GuidedNet(nn.Module):
-    """A compact CNN: 32 x 32 crop -> ``n_max``-dimensional embedding (and, with
-    ``n_classes``, a linear layer on it for the cross-entropy baseline).
+    """A compact CNN: a square crop (64 px by default; any size from 16) ->
+    ``n_max``-dimensional embedding (and, with ``n_classes``, a linear layer on it for the
+    cross-entropy baseline). Three 2 x 2 poolings, then a global mean.
 
     ``stem`` stages (one convolution at the input resolution, then a 2 x 2 pooling) bring a
     larger crop (64 px: one stage) down to 32 x 32 before the same layers, so the fine
@@ -350,7 +352,9 @@ class GuidedConfig:
     loss: str = "guided"
     n_max: int = 8
     width: int = 32
-    epochs: int = 30
+    # 40 epochs, 64-px crops and 8-view averaging: blood macro F1 0.953 (5-fold CV), against
+    # 0.932 at 32 px (0.928 with one view, 0.944 at 64 px with one view); docs/benchmarks.md
+    epochs: int = 40
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -369,7 +373,7 @@ class GuidedConfig:
     amp_cpu: bool = True
     crop_mode: str = "window"
     crop_window_um: float = 18.0
-    crop_size: int = 32
+    crop_size: int = 64
     stem: int = 0
     stain_norm: str = "reinhard"
     crop_lab_target: tuple | None = None
@@ -420,6 +424,7 @@ class GuidedConfig:
         kw = {key: v for key, v in d.items() if key in names}
         kw["classes"] = tuple(kw.get("classes", ()))
         kw["heads"] = tuple(kw.get("heads", cls.heads))
+        kw.setdefault("crop_size", 32)  # checkpoints from before crop_size was stored
         if kw.get("crop_lab_target") is not None:
             kw["crop_lab_target"] = tuple(tuple(v) for v in kw["crop_lab_target"])
         return cls(**kw)

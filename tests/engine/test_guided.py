@@ -189,6 +189,15 @@ def test_guided_census_names_held_out_cells(guided_run):
     assert {"cell_type", "emb_x", "emb_y", *[f"p_{t}" for t in names]} <= set(cells.columns)
     np.testing.assert_allclose(cells[[f"p_{t}" for t in names]].sum(axis=1), 1, atol=1e-4)
     assert set(cells["cell_type"]) <= set(names)
+    # the crop size follows the labelled slides (0.5 µm/px: 36 px in the 18 µm window), and
+    # the census cuts the size the model stored
+    import zarr
+
+    from slidecensus.models import load_model
+
+    size = load_model(guided_run["model"]).config.crop_size
+    assert size == 32
+    assert zarr.open(str(out / "crops.zarr"), mode="r")[sid].shape[1:] == (size, size, 3)
     # held-out truth cells: their nearest census cell within 4 px
     held = guided_run["cells"][~guided_run["labelled"]]
     d, j = cKDTree(cells[["x_px", "y_px"]].to_numpy()).query(held[["x_px", "y_px"]].to_numpy())
@@ -234,3 +243,32 @@ def test_embedmap_refuses_an_unguided_run(tmp_path, capsys):
                                          "a,a.png,ok,,3,1.0\n")
     assert main(["embedmap", str(tmp_path)]) == 2
     assert "not classified with a guided model" in capsys.readouterr().err
+
+
+def test_guided_crop_size_follows_the_slides_resolution():
+    """64-px crops where the 18 µm window spans more than 48 of the slides' own pixels,
+    32 where a larger crop would only interpolate; the median slide decides."""
+    from slidecensus.engine.plan import guided_crop_size
+
+    assert guided_crop_size([0.1]) == 64          # blood cells: 180 px in the window
+    assert guided_crop_size([0.25, 0.26]) == 64   # 40x scans: 72 px
+    assert guided_crop_size([0.5]) == 32          # 20x: 36 px
+    assert guided_crop_size([0.5, 0.5, 0.25]) == 32
+    assert guided_crop_size([0.3], window_um=12.0) == 32  # 40 px
+    with pytest.raises(InvalidInputError, match="resolution"):
+        guided_crop_size([float("nan")])
+
+
+def test_the_census_cuts_the_size_the_model_stored():
+    """A run's crops follow the model's stored crop spec: a guided model's size, and 32 px
+    for InfoGAN models and guided ones saved before the size was stored."""
+    from slidecensus.engine.plan import model_crop_spec
+    from slidecensus.models import GuidedConfig, TrainConfig
+
+    g = GuidedConfig(crop_size=64, crop_mode="field").to_dict()
+    assert CensusParams().with_model_crops(model_crop_spec(g)).crop_size == 64
+    assert CensusParams().with_model_crops(model_crop_spec(g)).crop_mode == "field"
+    assert CensusParams().with_model_crops(model_crop_spec(TrainConfig().to_dict())
+                                           ).crop_size == 32
+    old = {k: v for k, v in g.items() if k != "crop_size"}
+    assert CensusParams().with_model_crops(model_crop_spec(old)).crop_size == 32

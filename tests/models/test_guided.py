@@ -141,6 +141,11 @@ def test_labels_missing_from_the_guide_are_listed_in_one_line():
 # ------------------------------------------------------------------ training
 
 
+def _cfg(**kw) -> GuidedConfig:
+    """A configuration for the 32-px synthetic crops below (the default crop is 64 px)."""
+    return GuidedConfig(crop_size=32, **kw)
+
+
 def _discs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic crops of three kinds: small dark disc, large pale disc, ring."""
     rng = np.random.default_rng(seed)
@@ -165,7 +170,7 @@ def _discs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_guided_model_learns_synthetic_types_and_round_trips(tmp_path):
     crops, names = _discs(240, 0)
     test_crops, test_names = _discs(90, 1)
-    cfg = GuidedConfig(epochs=6, width=8, n_max=4, batch_size=32, seed=0)
+    cfg = _cfg(epochs=6, width=8, n_max=4, batch_size=32, seed=0)
     path = tmp_path / "g.pt"
     model = train_guided(crops, names, cfg, out=path)
     assert model.classes == ("lymphocyte", "monocyte", "neutrophil")
@@ -191,7 +196,7 @@ def test_guided_model_learns_synthetic_types_and_round_trips(tmp_path):
 
 def test_cross_entropy_baseline_trains(tmp_path):
     crops, names = _discs(120, 2)
-    model = train_guided(crops, names, GuidedConfig(loss="ce", epochs=2, width=8,
+    model = train_guided(crops, names, _cfg(loss="ce", epochs=2, width=8,
                                                     heads=("softmax", "knn1")))
     _, probs, _ = predict_guided(model, crops[:10])
     assert probs.shape == (10, 3) and model.summary["head"] in ("softmax", "knn1")
@@ -201,7 +206,7 @@ def test_cross_entropy_term_next_to_the_guided_losses(tmp_path):
     """w_ce > 0 adds the classification layer to a guided model (saved and reloaded with
     it), keeps the map growing and anchored, and makes the softmax a candidate head."""
     crops, names = _discs(120, 5)
-    cfg = GuidedConfig(epochs=8, width=8, n_max=4, batch_size=32, w_ce=1.0,
+    cfg = _cfg(epochs=8, width=8, n_max=4, batch_size=32, w_ce=1.0,
                        heads=("softmax",))
     path = tmp_path / "g.pt"
     model = train_guided(crops, names, cfg, out=path)
@@ -213,7 +218,7 @@ def test_cross_entropy_term_next_to_the_guided_losses(tmp_path):
     # the layer was trained by the term: its softmax names the cells
     assert np.mean(np.array(model.classes)[cls] == names[:60]) >= 0.9
     # without the term a guided model has no layer to take a softmax from
-    plain = train_guided(crops, names, GuidedConfig(epochs=1, width=4, w_ce=0.0,
+    plain = train_guided(crops, names, _cfg(epochs=1, width=4, w_ce=0.0,
                                                     heads=("softmax", "knn1")))
     assert plain.net.logits is None and plain.summary["head"] == "knn1"
     with pytest.raises(InvalidInputError, match="w_ce"):
@@ -225,7 +230,7 @@ def test_guided_checkpoint_is_not_an_infogan_one(tmp_path):
 
     crops, names = _discs(60, 3)
     path = tmp_path / "g.pt"
-    train_guided(crops, names, GuidedConfig(epochs=1, width=4), out=path)
+    train_guided(crops, names, _cfg(epochs=1, width=4), out=path)
     with pytest.raises(CheckpointError, match="slidecensus.guided"):
         load_checkpoint(path)  # the InfoGAN reader refuses it by format
     data = torch.load(path, weights_only=True)
@@ -236,11 +241,11 @@ def test_training_refuses_bad_inputs():
     crops, names = _discs(30, 4)
     with pytest.raises(InvalidInputError, match="not in the guide"):
         train_guided(crops, np.where(names == "monocyte", "smudge", names),
-                     GuidedConfig(epochs=1, width=4))
+                     _cfg(epochs=1, width=4))
     with pytest.raises(InvalidInputError, match="two cell types"):
-        train_guided(crops, ["lymphocyte"] * 30, GuidedConfig(epochs=1, width=4))
+        train_guided(crops, ["lymphocyte"] * 30, _cfg(epochs=1, width=4))
     with pytest.raises(InvalidInputError, match="labels for"):
-        train_guided(crops, names[:5], GuidedConfig(epochs=1, width=4))
+        train_guided(crops, names[:5], _cfg(epochs=1, width=4))
     with pytest.raises(InvalidInputError, match="loss"):
         GuidedConfig(loss="triplet")
 
@@ -268,13 +273,16 @@ def test_crop_size_is_the_models_and_the_census_cuts_it(tmp_path):
     assert CensusParams().with_model_crops(TrainConfig().crop_spec()).crop_size == 32
     with pytest.raises(InvalidInputError, match="crop_size"):
         GuidedConfig(crop_size=8)
+    # a checkpoint written before the size was stored holds 32-px crops
+    old = {k: v for k, v in loaded.config.to_dict().items() if k != "crop_size"}
+    assert GuidedConfig.from_dict(old).crop_size == 32
 
 
 def test_test_time_averaging_makes_the_embedding_orientation_free():
     """With ``tta`` a crop and its rotations and mirror images get the same embedding (the
     mean over the same 8 views); one view does not, so the test can tell them apart."""
     crops, names = _discs(60, 4)
-    model = train_guided(crops, names, GuidedConfig(epochs=1, width=8, tta=True))
+    model = train_guided(crops, names, _cfg(epochs=1, width=8, tta=True))
     turned = [np.rot90(crops[:12], q, axes=(1, 2)) for q in (1, 2, 3)] + [crops[:12, :, ::-1]]
     _, p0, e0 = predict_guided(model, crops[:12])
     for t in turned:
