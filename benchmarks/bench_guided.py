@@ -125,6 +125,8 @@ def cmd_cv(args: argparse.Namespace) -> dict:
         loss, amp = method.split("-")[0], not method.endswith("-fp32")
         pred = np.array([""] * len(labels), dtype=object)
         pred1 = pred.copy()
+        views_too = [int(v) for v in args.views_too.split(",")] if args.views_too else []
+        predv = {nv: pred.copy() for nv in views_too}
         emb = np.full((len(labels), 2), np.nan)
         info = []
         t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def cmd_cv(args: argparse.Namespace) -> dict:
             te = np.flatnonzero((fold == f) & matched)
             mode = {"crop_mode": args.crop_mode} if args.crop_mode else {}
             cfg = GuidedConfig(loss=loss, epochs=args.epochs, seed=f, amp_cpu=amp, **mode,
-                               width=args.width, tta=not args.no_tta,
+                               width=args.width, views=1 if args.no_tta else 8,
                                crop_size=args.crop_size, stem=args.stem,
                                w_rest=args.w_rest, w_dist=args.w_dist,
                                **({} if args.w_ce is None else {"w_ce": args.w_ce}),
@@ -149,13 +151,18 @@ def cmd_cv(args: argparse.Namespace) -> dict:
                              m.summary["val_macro_f1"], 3), "train_s": round(
                              m.summary["time_s"], 1), "held_out_macro_f1": round(held, 3)})
             if m.config.tta and args.one_view_too:
-                # the same network, its head refit on one-view embeddings: what tta=False
+                # the same network, its head refit on one-view embeddings: what views=1
                 # trains, without training twice
                 m1 = _one_view(m, crops[tr], labels[tr])
                 cls1, _, _ = predict_guided(m1, crops[te])
                 pred1[te] = np.array(m1.classes)[cls1]
                 info[-1]["held_out_macro_f1_one_view"] = round(
                     _scores(labels[te], pred1[te], classes)["macro_f1"], 3)
+            for nv in views_too:  # the same with the first nv views averaged
+                cls_v = _n_views_predict(m, crops[tr], labels[tr], crops[te], nv)
+                predv[nv][te] = np.array(m.classes)[cls_v]
+                info[-1][f"held_out_macro_f1_{nv}_views"] = round(
+                    _scores(labels[te], predv[nv][te], classes)["macro_f1"], 3)
             print(method, info[-1], flush=True)
         done = np.array([p != "" for p in pred])
         run = fold < args.folds  # the images of the folds run
@@ -166,6 +173,9 @@ def cmd_cv(args: argparse.Namespace) -> dict:
         if args.one_view_too and (pred1 != "").any():
             d1 = pred1 != ""
             res["matched_only_one_view"] = _scores(labels[d1], pred1[d1], classes)
+        for nv in views_too:
+            dv = predv[nv] != ""
+            res[f"matched_only_{nv}_views"] = _scores(labels[dv], predv[nv][dv], classes)
         if loss == "guided":
             res["intra_class_variance"] = _intra(emb[done], labels[done], classes)
         out["methods"][method] = res
@@ -174,7 +184,7 @@ def cmd_cv(args: argparse.Namespace) -> dict:
 
 
 def _one_view(model, crops: np.ndarray, labels: np.ndarray):
-    """``model`` with ``tta`` off and its chosen head refit on one-view embeddings of the
+    """``model`` with one view and its chosen head refit on one-view embeddings of the
     cells it was trained on (train_guided refits the head on all of them, as here)."""
     import dataclasses
 
@@ -182,11 +192,29 @@ def _one_view(model, crops: np.ndarray, labels: np.ndarray):
 
     from slidecensus.models.guided import GuidedModel, _embed, _fit_head
 
-    cfg = dataclasses.replace(model.config, tta=False)
+    cfg = dataclasses.replace(model.config, views=1)
     y = torch.from_numpy(np.searchsorted(np.array(model.classes), labels))
-    emb = _embed(model.net, crops, model.dims, cfg.amp_cpu, tta=False)
+    emb = _embed(model.net, crops, model.dims, cfg.amp_cpu, views=1)
     head = _fit_head(model.summary["head"], emb, y, model.k, cfg.seed)
     return GuidedModel(cfg, model.summary, model.net, head, model.dims, model.device)
+
+
+def _n_views_predict(model, crops: np.ndarray, labels: np.ndarray, test: np.ndarray,
+                     views: int) -> np.ndarray:
+    """Classes of ``test`` with ``views`` averaged views, the chosen head refit on the
+    training cells' embeddings made the same way."""
+    import torch
+
+    from slidecensus.models.guided import _embed, _fit_head, _head_proba
+
+    y = torch.from_numpy(np.searchsorted(np.array(model.classes), labels))
+    amp = model.config.amp_cpu
+    head = _fit_head(model.summary["head"], _embed(model.net, crops, model.dims, amp,
+                                                   views=views), y, model.k,
+                     model.config.seed)
+    e = _embed(model.net, test, model.dims, amp, views=views)
+    with torch.no_grad():
+        return _head_proba(head, e, model.k, model.net).argmax(1).numpy()
 
 
 def _intra(emb: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
@@ -278,11 +306,11 @@ def cmd_speed(args: argparse.Namespace) -> dict:
         model = train_guided(crops, names, GuidedConfig(epochs=1, crop_size=size,
                                                         min_steps_per_epoch=1))
         test = rng.integers(0, 256, (args.cells, size, size, 3), dtype=np.uint8)
-        for tta in (True, False):
-            object.__setattr__(model.config, "tta", tta)
+        for views in (8, 4, 1):
+            object.__setattr__(model.config, "views", views)
             r = rate(lambda m=model, t=test: predict_guided(m, t), len(test))
             res["rows"].append({"size": size, "what": "predict_guided",
-                                "tta": "8 views" if tta else "1 view",
+                                "views": views,
                                 "cells_per_s": round(r)})
             print(res["rows"][-1], flush=True)
     return res
@@ -305,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--width", type=int, default=32)
     s.add_argument("--folds", type=int, default=5, help="folds run (of 5)")
     s.add_argument("--no-tta", action="store_true", help="no 8-view test-time averaging")
+    s.add_argument("--views-too", default="",
+                   help="also score each fold's network with these view counts, e.g. 2,4")
     s.add_argument("--one-view-too", action="store_true",
                    help="also score each fold's network with one view (head refit)")
     s.add_argument("--w-rest", type=float, default=1.0,

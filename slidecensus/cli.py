@@ -121,6 +121,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_guided(args)
     if args.guide is not None:
         raise InvalidInputError("--guide needs --labels CELLS.csv (a guided model)")
+    if args.views is not None:
+        raise InvalidInputError("--views needs --labels CELLS.csv (a guided model)")
     if args.crop_size is not None:
         raise InvalidInputError("--crop-size needs --labels CELLS.csv (the InfoGAN's crops "
                                 "are 32 px, as in Hu et al.)")
@@ -149,7 +151,8 @@ def _train_guided(args: argparse.Namespace) -> int:
     from .nuclei.segment import segment_params_from
 
     settings = {key: v for key, v in (("epochs", args.epochs), ("width", args.width),
-                                      ("crop_size", args.crop_size)) if v is not None}
+                                      ("crop_size", args.crop_size), ("views", args.views))
+                if v is not None}
     if "epochs" in settings:
         settings["epochs"] = max(1, int(round(settings["epochs"])))
     params = CensusParams(segment=segment_params_from(args.set), stain_norm=_stain_norm(args))
@@ -486,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --labels: crop side in px for the same 18 µm window (default "
                         "64 where the window spans more than 48 px of the labelled slides, "
                         "else 32; the census cuts the model's size)")
+    s.add_argument("--views", type=int, default=None, choices=(1, 2, 4, 8),
+                   help="with --labels: rotations and mirror images averaged per cell "
+                        "(default 8; the census' classification cost grows with it)")
     _add_segment_set(s)
     _add_stain_norm(s)
     _add_segmenter(s)

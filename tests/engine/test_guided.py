@@ -128,6 +128,17 @@ def test_cli_refuses_labels_missing_from_the_guide(slide, tmp_path, capsys):
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("flag", [["--crop-size", "64"], ["--views", "4"]])
+def test_cli_guided_only_options_need_labels(slide, tmp_path, capsys, flag):
+    """The guided model's crop size and view count mean nothing to the InfoGAN: refused in
+    one line, before any work."""
+    csv, _, _ = slide
+    assert main(["train", str(csv), "--out", str(tmp_path / "m.pt"), *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs --labels" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists()
+
+
 # ------------------------------------------------------------------ train, run, report
 
 

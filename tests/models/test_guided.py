@@ -276,20 +276,26 @@ def test_crop_size_is_the_models_and_the_census_cuts_it(tmp_path):
     # a checkpoint written before the size was stored holds 32-px crops
     old = {k: v for k, v in loaded.config.to_dict().items() if k != "crop_size"}
     assert GuidedConfig.from_dict(old).crop_size == 32
+    # ... and its test-time averaging as a flag
+    legacy = {k: v for k, v in old.items() if k != "views"}
+    assert GuidedConfig.from_dict({**legacy, "tta": False}).views == 1
+    assert GuidedConfig.from_dict({**legacy, "tta": True}).views == 8
+    with pytest.raises(InvalidInputError, match="views"):
+        GuidedConfig(views=3)
 
 
 def test_test_time_averaging_makes_the_embedding_orientation_free():
-    """With ``tta`` a crop and its rotations and mirror images get the same embedding (the
+    """With 8 views a crop and its rotations and mirror images get the same embedding (the
     mean over the same 8 views); one view does not, so the test can tell them apart."""
     crops, names = _discs(60, 4)
-    model = train_guided(crops, names, _cfg(epochs=1, width=8, tta=True))
+    model = train_guided(crops, names, _cfg(epochs=1, width=8, views=8))
     turned = [np.rot90(crops[:12], q, axes=(1, 2)) for q in (1, 2, 3)] + [crops[:12, :, ::-1]]
     _, p0, e0 = predict_guided(model, crops[:12])
     for t in turned:
         _, p, e = predict_guided(model, np.ascontiguousarray(t))
         np.testing.assert_allclose(e, e0, atol=1e-4)
         np.testing.assert_allclose(p, p0, atol=1e-4)
-    one = GuidedModel(GuidedConfig.from_dict({**model.config.to_dict(), "tta": False}),
+    one = GuidedModel(GuidedConfig.from_dict({**model.config.to_dict(), "views": 1}),
                       model.summary, model.net, model.head, model.dims, model.device)
     e1 = predict_guided(one, crops[:12])[2]
     e1r = predict_guided(one, np.ascontiguousarray(turned[0]))[2]
