@@ -265,6 +265,63 @@ def cmd_stability(args: argparse.Namespace) -> dict:
     return res
 
 
+def cmd_probe(args: argparse.Namespace) -> dict:
+    """For the cell-model issue: an encoder of the guided network's shape trained without
+    labels (NT-Xent on two augmented views, temperature 0.2, batch 2 x 64), then k-means
+    (k = 8) purity of its unit-length features on the matched cells; does a finer crop of
+    the same window help unsupervised clustering as it helps the guided model?"""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.cluster import KMeans
+
+    from slidecensus.models.augment import AugmentSpec, augment
+    from slidecensus.models.guided import CL, GuidedNet, _autocast, _to_input
+
+    torch.set_num_threads(1)
+    crops, matched, labels = _load(args.crop_mode, args.crop_size)
+    torch.manual_seed(args.seed)
+    net = GuidedNet(64, 32).to(memory_format=CL)
+    proj = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 64))
+    opt = torch.optim.AdamW([*net.parameters(), *proj.parameters()], lr=2e-3,
+                            weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    n = 64
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    for step in range(args.steps):
+        x = _to_input(crops[rng.choice(len(crops), n, replace=False)])
+        v = torch.cat([augment(x, gen, AugmentSpec()), augment(x, gen, AugmentSpec())])
+        with _autocast(True):
+            z = proj(net(v.contiguous(memory_format=CL)))
+        z = F.normalize(z.float(), dim=1)
+        sim = (z @ z.T / 0.2).fill_diagonal_(-1e9)
+        loss = F.cross_entropy(sim, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            print(step, round(loss.item(), 3), flush=True)
+    train_s = time.perf_counter() - t0
+    net.eval()
+    with torch.no_grad(), _autocast(True):
+        f = torch.cat([net(_to_input(crops[i:i + 256])).float()
+                       for i in range(0, len(crops), 256)])
+    f = F.normalize(f, dim=1).numpy()[matched]
+    y = labels[matched]
+    pur = []
+    for ks in range(3):
+        c = KMeans(8, n_init=10, random_state=ks).fit_predict(f)
+        pur.append(sum(int(np.unique(y[c == j], return_counts=True)[1].max())
+                       for j in np.unique(c)) / len(y))
+    res = {"crop_size": args.crop_size, "steps": args.steps, "seed": args.seed,
+           "kmeans_purity": [round(p, 3) for p in pur], "mean": round(float(np.mean(pur)), 3),
+           "train_s": round(train_s, 1)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def cmd_speed(args: argparse.Namespace) -> dict:
     """Census-time classification rate of a guided model, cells/s on one thread: the
     network's forward pass in NCHW and channels-last, fp32 and bf16, and
@@ -356,9 +413,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     s.add_argument("--cells", type=int, default=2048)
     s.add_argument("--repeats", type=int, default=3)
+    s = sub.add_parser("probe", help="unsupervised encoder + k-means purity (cell-model issue)")
+    s.add_argument("--crop-mode", default=None, help=crop_help)
+    s.add_argument("--crop-size", type=int, default=32, help=size_help)
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tag", default="", help="suffix of the results file")
     args = p.parse_args(argv)
     res = {"crops": cmd_crops, "cv": cmd_cv, "stability": cmd_stability,
-           "speed": cmd_speed}[args.cmd](args)
+           "speed": cmd_speed, "probe": cmd_probe}[args.cmd](args)
     write_results(f"guided_{args.cmd}{getattr(args, 'tag', '')}", res)
 
 
