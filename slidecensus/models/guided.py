@@ -758,7 +758,8 @@ class GuidedModel:
 def predict_guided(model: GuidedModel, crops: np.ndarray, batch_size: int = 512
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Classes (N,) int64, probabilities (N, k) float32 and the 2-D guide-map position
-    (N, 2) float32 (the embedding's first two dimensions) of uint8 crops (N, 32, 32, 3)."""
+    (N, 2) float32 (the embedding's first two dimensions) of uint8 crops (N, c, c, 3), c the
+    model's ``crop_size``; on the CPU, averaging the model's ``views``."""
     crops = np.asarray(crops)
     if len(crops) == 0:
         return (np.zeros(0, np.int64), np.zeros((0, model.k), np.float32),
