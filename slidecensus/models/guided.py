@@ -415,11 +415,6 @@ class GuidedConfig:
         """Number of classes (the census' k)."""
         return len(self.classes)
 
-    @property
-    def tta(self) -> bool:
-        """Whether the embeddings average more than one view."""
-        return self.views > 1
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["classes"], d["heads"] = list(self.classes), list(self.heads)

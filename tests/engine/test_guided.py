@@ -283,3 +283,29 @@ def test_the_census_cuts_the_size_the_model_stored():
                                            ).crop_size == 32
     old = {k: v for k, v in g.items() if k != "crop_size"}
     assert CensusParams().with_model_crops(model_crop_spec(old)).crop_size == 32
+
+
+@pytest.mark.slow
+def test_the_census_cuts_a_guided_models_own_crop_size(slide, tmp_path):
+    """A guided model trained on 48-px crops classifies a run: the census cuts 48 px for it
+    (it once cut 32 px whatever the model stored, and every tile of the slide failed)."""
+    import zarr
+
+    from slidecensus.models.guided import GuidedConfig, train_guided
+
+    csv, cohort, _ = slide
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (64, 48, 48, 3), dtype=np.uint8)
+    names = np.array(TYPES)[np.arange(64) % len(TYPES)]
+    path = tmp_path / "g48.pt"
+    train_guided(crops, names, GuidedConfig(epochs=1, width=4, crop_size=48, views=1),
+                 out=path)
+    params = CensusParams(tile_size=512, stain_norm=parse_stain_norm("none", None))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        run_cohort(csv, tmp_path / "run", model=path, client=client, params=params)
+    sid = cohort["slide_id"][0]
+    cells = pd.read_parquet(tmp_path / "run" / "cells" / f"{sid}.parquet")
+    assert len(cells) > 100 and set(cells["cell_type"]) <= set(TYPES)
+    stored = zarr.open(str(tmp_path / "run" / "crops.zarr"), mode="r")[sid]
+    assert stored.shape[1:] == (48, 48, 3)
