@@ -5,6 +5,7 @@ Measured, never asserted. Sub-commands::
     python -m benchmarks.bench_cellmodel blood  [--k 8] [--preset auto]
     python -m benchmarks.bench_cellmodel speed  [--n 8192]
     python -m benchmarks.bench_cellmodel crops [--out CROPS.npz]
+    python -m benchmarks.bench_cellmodel demo-crops [--out CROPS.npz]
     python -m benchmarks.bench_cellmodel ablation --data CROPS.npz [--iterations 600]
 
 ``blood``: the 1200 labelled blood cells of ../shared/data/blood-cells as a cohort of 1200
@@ -222,6 +223,39 @@ def cmd_crops(args: argparse.Namespace) -> dict:
     return {"out": str(out), "nuclei": len(y), "images_scored": int(np.sum(central))}
 
 
+def cmd_demo_crops(args: argparse.Namespace) -> dict:
+    """Census crops of the demo's synthetic cohort (same seed, slides and µm/px as
+    ``slidecensus demo``), each labelled with the drawn type of the nearest drawn nucleus
+    (``""`` when none is within the demo's matching distance), for ``ablation`` and for
+    offline comparisons of the cell model on cells whose types are known."""
+    import pandas as pd
+
+    from slidecensus.demo import DEMO_MPP, MATCH_UM, match_truth
+    from slidecensus.nuclei.crops import crops_for
+    from slidecensus.nuclei.segment import segment_image
+    from slidecensus.tiling import open_slide
+    from slidecensus.tiling.synth import synth_cohort
+
+    cohort = pd.read_csv(synth_cohort(CACHE / "demo-slides", n_slides=4, size=(2048, 2048),
+                                      seed=0, mpp=DEMO_MPP))
+    parts, y, slide = [], [], []
+    for path, sid in zip(cohort["path"], cohort["slide_id"], strict=True):
+        with open_slide(path) as s:
+            img = np.asarray(s.read_region(0, 0, 0, *s.levels[0].shape[1::-1]))[..., :3]
+        lab_img, table = segment_image(img, mpp=DEMO_MPP)
+        truth = pd.read_parquet(Path(path).with_name(f"{sid}.cells.parquet"))
+        parts.append(crops_for(img, lab_img, table, "field", DEMO_MPP))
+        y.append(match_truth(table[["x_px", "y_px"]].to_numpy(),
+                             truth[["x_px", "y_px"]].to_numpy(),
+                             truth["type"].astype(str).to_numpy(), MATCH_UM / DEMO_MPP))
+        slide += [sid] * len(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.concatenate(y).astype(str)
+    np.savez(out, field=np.concatenate(parts), labels=labels, slide=np.array(slide))
+    return {"out": str(out), "nuclei": len(labels), "matched": int((labels != "").sum())}
+
+
 def cmd_ablation(args: argparse.Namespace) -> dict:
     """Train on every crop of the set; score the crops marked ``central`` (all labelled
     ones when the set has no such mask)."""
@@ -241,6 +275,7 @@ def cmd_ablation(args: argparse.Namespace) -> dict:
         "contrastive term (lambda_nce 1)": {"lambda_nce": 1.0},
         "no contrastive term (lambda_nce 0)": {"lambda_nce": 0.0},
         "no k-means refinement": {"refine": "none"},
+        "k-means on unwhitened features (refine_pca 0)": {"refine_pca": 0},
         "no over-clustering head": {"over_k": 0},
         "no Q batch norm": {"q_norm": False},
         "no G bias at the data mean": {"g_bias_mean": False},
@@ -288,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--n", type=int, default=8192)
     s = sub.add_parser("crops")
     s.add_argument("--out", default=str(CACHE / "blood-census-crops.npz"))
+    s = sub.add_parser("demo-crops")
+    s.add_argument("--out", default=str(CACHE / "demo-census-crops.npz"))
     s = sub.add_parser("ablation")
     s.add_argument("--data", required=True)
     s.add_argument("--seed", type=int, default=0)
@@ -297,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--only", nargs="*", default=None)
     args = p.parse_args(argv)
     res = {"blood": cmd_blood, "speed": cmd_speed, "crops": cmd_crops,
+           "demo-crops": cmd_demo_crops,
            "ablation": cmd_ablation}[args.cmd](args)
     seed = getattr(args, "seed", 0) if args.cmd == "blood" else 0
     write_results(f"cellmodel_{args.cmd}" + (f"_seed{seed}" if seed else ""), res)

@@ -194,6 +194,10 @@ class TrainConfig:
         ``kmeans``: after the last iteration, cluster the trunk's features of the real
         crops with k-means and train Q's head alone (``refine_steps`` Adam steps) to
         predict those clusters (:mod:`.refine`); ``none``: Q's head as the game left it.
+    refine_pca : int
+        For ``kmeans``: whiten each feature block (trunk, colour histograms) to this many
+        principal components before clustering (:func:`~.refine.cluster_space`); 0 clusters
+        the blocks centred and scaled to unit length only.
     crop_mode, crop_window_um : str, float
         How the census cuts crops for this model: ``nucleus`` (the paper's nucleus box,
         outside the nucleus white), ``box`` (the same unmasked), ``window`` (a fixed
@@ -240,6 +244,7 @@ class TrainConfig:
     crop_window_um: float = 18.0
     refine: str = "none"
     refine_steps: int = 300
+    refine_pca: int = 0
     stain_norm: str = "reinhard"  # how the training crops' tiles were normalised (recorded)
     #: lαβ (mean, std) the crops were Reinhard-normalised to (the cohort's own style, from
     #: the training slides); the census normalises its crops the same way. None: raw crops.
@@ -271,6 +276,8 @@ class TrainConfig:
                             f"{self.over_k}")
         if self.refine not in REFINES:
             problems.append(f"refine must be one of {', '.join(REFINES)}, got {self.refine!r}")
+        if self.refine_pca < 0:
+            problems.append(f"refine_pca must be >= 0, got {self.refine_pca}")
         if not (math.isfinite(self.view_scale) and 0 <= self.view_scale < 1):
             problems.append(f"view_scale must be in [0, 1), got {self.view_scale}")
         if self.iic_batch < 2:
@@ -796,9 +803,10 @@ def train_infogan(
         t_ref = time.perf_counter()
         labels = refine_q_head(trainer.trunk, trainer.q_head, data_t, config.k, gen,
                                colour=trainer.colour,
-                               steps=config.refine_steps, amp=trainer.use_amp)
+                               steps=config.refine_steps, amp=trainer.use_amp,
+                               pca=config.refine_pca)
         sizes = torch.bincount(labels.cpu(), minlength=config.k).tolist()
-        refined = {"method": "kmeans", "cluster_sizes": sizes,
+        refined = {"method": "kmeans", "pca": config.refine_pca, "cluster_sizes": sizes,
                    "time_s": time.perf_counter() - t_ref}
         log.info("Q refined on k-means of the trunk features: cluster sizes %s", sizes)
     snapshot(max(total, start_it))
