@@ -83,9 +83,11 @@ def cmd_blood(args: argparse.Namespace) -> dict:
     norm = ("--stain-norm", args.stain_norm)
     res["stain_norm"] = args.stain_norm
     res["seed"] = args.seed
+    target = ("--stain-target", args.stain_target) if args.stain_target else ()
+    res["stain_target"] = args.stain_target
     res["train_s"] = run_cli("train", str(work / "cohort.csv"), "--out", str(model), "--k",
                           str(args.k), "--preset", args.preset, "--seed", str(args.seed),
-                          *norm)
+                          *norm, *target)
     res["run_s"] = run_cli("run", str(work / "cohort.csv"), "--out", str(run), "--model",
                         str(model), *norm)
     res["run_no_classify_s"] = run_cli("run", str(work / "cohort.csv"), "--out", str(plain),
@@ -319,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--stain-norm", default="reinhard",
                    help="passed to train and run (crops are cut from the normalised tiles)")
     s.add_argument("--seed", type=int, default=0, help="train's --seed (sample and networks)")
+    s.add_argument("--stain-target", default=None,
+                   help="train's --stain-target (e.g. cohort; run adopts the model's style)")
     s = sub.add_parser("speed")
     s.add_argument("--n", type=int, default=8192)
     s = sub.add_parser("crops")
@@ -337,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
            "demo-crops": cmd_demo_crops,
            "ablation": cmd_ablation}[args.cmd](args)
     seed = getattr(args, "seed", 0) if args.cmd == "blood" else 0
-    write_results(f"cellmodel_{args.cmd}" + (f"_seed{seed}" if seed else ""), res)
+    tag = "_cohort" if getattr(args, "stain_target", None) == "cohort" else ""
+    write_results(f"cellmodel_{args.cmd}" + (f"_seed{seed}" if seed else "") + tag, res)
 
 
 if __name__ == "__main__":

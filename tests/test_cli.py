@@ -80,6 +80,11 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path, capsys):
     props = table[[f"p_{j}" for j in range(5)]].to_numpy()
     assert abs(props.sum(axis=1) - 1).max() < 1e-9
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "census" / "census.zarr").is_dir()
+    # the demo trains as a multi-slide cohort: crops in the cohort's style, recorded
+    from slidecensus.models import load_model
+
+    cfg = load_model(tmp_path / "model.pt").config
+    assert cfg.crop_lab_target is not None and "cohort" in cfg.stain_norm
     printed = capsys.readouterr().out
     assert "truth_cells" in printed and "truth_blasts" in printed
     assert "purity of the clusters against the drawn cell types" in printed

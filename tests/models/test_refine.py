@@ -1,0 +1,95 @@
+"""The refinement's clustering space: PCA whitening of each feature block before k-means."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slidecensus.errors import InvalidInputError
+from slidecensus.models import kmeans, preset_config
+from slidecensus.models.metrics import purity
+from slidecensus.models.refine import cluster_space, whiten
+
+
+def _types_behind_a_nuisance(n_per: int = 150, seed: int = 0):
+    """Three types apart along two quiet directions, and a loud direction (stain
+    intensity, say) that varies as much within each type as anywhere: (x, truth)."""
+    gen = torch.Generator().manual_seed(seed)
+    truth = torch.arange(3).repeat_interleave(n_per)
+    centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.9]])
+    quiet = centres[truth] + 0.08 * torch.randn(len(truth), 2, generator=gen)
+    loud = 6.0 * torch.randn(len(truth), 2, generator=gen)
+    noise = 0.05 * torch.randn(len(truth), 6, generator=gen)
+    return torch.cat([loud, quiet, noise], dim=1), truth
+
+
+def test_whitening_finds_types_that_a_loud_nuisance_hides():
+    x, truth = _types_behind_a_nuisance()
+    plain = [purity(truth.numpy(), kmeans(cluster_space([x], 0), 3,
+                                          torch.Generator().manual_seed(s))[0].numpy())
+             for s in range(3)]
+    white = [purity(truth.numpy(), kmeans(cluster_space([x], 4), 3,
+                                          torch.Generator().manual_seed(s))[0].numpy())
+             for s in range(3)]
+    assert max(plain) < 0.75  # the loud directions decide the unwhitened clusters
+    assert min(white) > 0.95
+
+
+def test_whiten_gives_unit_rows_of_uncorrelated_unit_variance_components():
+    x, _ = _types_behind_a_nuisance()
+    z = whiten(x, 4, ridge=0.0)
+    assert z.shape == (len(x), 4) and z.dtype == torch.float32
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(len(x)))
+    # before the rows are scaled, the components are white: check on a re-derivation
+    c = x.double() - x.double().mean(0)
+    w, v = torch.linalg.eigh(c.T @ c / (len(c) - 1))
+    p = c @ v.flip(1)[:, :4] / w.flip(0)[:4].sqrt()
+    torch.testing.assert_close(torch.cov(p.T), torch.eye(4, dtype=torch.float64),
+                               atol=1e-8, rtol=0)
+    torch.testing.assert_close(F.normalize(p, dim=1).abs().float(), z.abs(),
+                               atol=1e-5, rtol=0)
+
+
+def test_whitening_keeps_few_signal_directions_above_many_noise_directions():
+    """Two types apart along one direction, and 40 noise directions: fully whitened, the
+    noise gets the signal's weight; the ridge keeps the quiet noise down."""
+    gen = torch.Generator().manual_seed(2)
+    truth = torch.arange(2).repeat_interleave(200)
+    signal = 3.0 * truth[:, None].float() + 0.3 * torch.randn(400, 1, generator=gen)
+    noise = 0.02 * torch.randn(400, 40, generator=gen)
+    x = torch.cat([signal, noise], dim=1)
+
+    def score(z):
+        return min(purity(truth.numpy(), kmeans(z, 2, torch.Generator().manual_seed(s))[0]
+                          .numpy()) for s in range(3))
+
+    assert score(whiten(x, 32, ridge=0.0)) < 0.8
+    assert score(whiten(x, 32)) == 1.0
+
+
+def test_whiten_is_deterministic_and_independent_of_row_order():
+    x, _ = _types_behind_a_nuisance()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(whiten(x, 5), whiten(x, 5))
+    torch.testing.assert_close(whiten(x[perm], 5), whiten(x, 5)[perm], atol=1e-5, rtol=0)
+
+
+def test_cluster_space_weighs_blocks_equally_and_caps_components():
+    x, _ = _types_behind_a_nuisance()
+    small = x[:, 2:4]  # a 2-feature block cannot give 32 components
+    z = cluster_space([x, 100 * small], 32)
+    assert z.shape == (len(x), x.shape[1] + 2)
+    torch.testing.assert_close(z[:, :x.shape[1]].norm(dim=1), torch.ones(len(x)))
+    torch.testing.assert_close(z[:, x.shape[1]:].norm(dim=1), torch.ones(len(x)))
+    flat = cluster_space([x, 100 * small], 0)  # the unwhitened space: centred unit blocks
+    torch.testing.assert_close(flat[:, x.shape[1]:],
+                               F.normalize(small - small.mean(0), dim=1))
+
+
+def test_refine_pca_is_a_recorded_fast_setting():
+    assert preset_config("fast").refine_pca > 0
+    assert preset_config("paper").refine == "none"
+    assert preset_config("fast", refine_pca=0).to_dict()["refine_pca"] == 0
+    with pytest.raises(InvalidInputError, match="refine_pca"):
+        preset_config("fast", refine_pca=-1)
