@@ -54,9 +54,9 @@ _FAST: dict[str, Any] = {
     # cells/s per core on AMX, 5128 vs 3566 on AVX-512 BF16 (docs/benchmarks.md)
     "amp_cpu": True,
     "checkpoint_every": 250, "refine": "kmeans",
-    # k-means on each feature block whitened to 32 principal components: purity 0.754 ->
-    # 0.791 on the blood cells (2 models) and 0.664 -> 0.755 on the demo's drawn cells
-    # (docs/benchmarks.md, cell model)
+    # k-means on each feature block whitened to 32 principal components (with a ridge):
+    # purity 0.757 -> 0.781 on the blood cells (3 models, fixed crops) and 0.664 -> 0.755
+    # on the demo's drawn cells (docs/benchmarks.md, cell model)
     "refine_pca": 32,
 }
 
