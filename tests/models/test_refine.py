@@ -93,3 +93,39 @@ def test_refine_pca_is_a_recorded_fast_setting():
     assert preset_config("fast", refine_pca=0).to_dict()["refine_pca"] == 0
     with pytest.raises(InvalidInputError, match="refine_pca"):
         preset_config("fast", refine_pca=-1)
+
+
+class _ChannelMeans(torch.nn.Module):
+    """A stand-in trunk whose features are the crop's mean per colour channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives refine_q_head a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def test_refine_q_head_clusters_in_the_whitened_space_it_is_given():
+    """Crops whose red level is a loud nuisance and whose green and blue levels tell three
+    types apart: the refinement's k-means finds the types only with ``pca`` > 0 (fails if
+    ``refine_q_head`` drops its ``pca``)."""
+    from slidecensus.models.networks import QHead
+    from slidecensus.models.refine import refine_q_head
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.arange(3).repeat_interleave(100)
+    gb = torch.tensor([[100.0, 100.0], [120.0, 100.0], [110.0, 118.0]])[truth]
+    gb = gb + 1.5 * torch.randn(300, 2, generator=gen)
+    red = 128 + 60 * (torch.rand(300, generator=gen) * 2 - 1)
+    level = torch.cat([red[:, None], gb], dim=1).round().clamp(0, 255).to(torch.uint8)
+    crops = level[:, :, None, None].expand(300, 3, 32, 32).contiguous()
+
+    def purity_with(pca: int) -> float:
+        head = QHead(3, 3)
+        labels = refine_q_head(_ChannelMeans(), head, crops, 3, torch.Generator()
+                               .manual_seed(1), steps=0, pca=pca)
+        return purity(truth.numpy(), labels.numpy())
+
+    assert purity_with(0) < 0.75
+    assert purity_with(3) > 0.95
