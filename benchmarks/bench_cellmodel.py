@@ -128,8 +128,12 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     import torch
 
     from slidecensus.models import CellModel, predict, preset_config
-    from slidecensus.models.networks import ColourHistogram
-    from slidecensus.models.train import InfoGANTrainer, _RealBatches, build_networks
+    from slidecensus.models.train import (
+        InfoGANTrainer,
+        _RealBatches,
+        build_networks,
+        colour_branch,
+    )
 
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
@@ -147,7 +151,7 @@ def cmd_speed(args: argparse.Namespace) -> dict:
             mods = [nets[n].eval().requires_grad_(False) for n in ("G", "D_trunk", "D_head",
                                                                     "Q_head")]
             model = CellModel(cfg, {}, *mods, device=torch.device("cpu"),
-                              colour=ColourHistogram() if cfg.q_colour else None)
+                              colour=colour_branch(cfg))
             torch.set_num_threads(1)
             n = args.n if preset == "fast" else max(256, args.n // 32)
             predict(model, crops[:256], batch_size=256)
@@ -229,29 +233,41 @@ def cmd_demo_crops(args: argparse.Namespace) -> dict:
     """Census crops of the demo's synthetic cohort (same seed, slides and µm/px as
     ``slidecensus demo``), each labelled with the drawn type of the nearest drawn nucleus
     (``""`` when none is within the demo's matching distance), for ``ablation`` and for
-    offline comparisons of the cell model on cells whose types are known."""
+    offline comparisons of the cell model on cells whose types are known.
+
+    ``--stain-target cohort`` cuts the crops from each slide Reinhard-normalised to the
+    cohort's pooled style, as ``slidecensus demo`` (which trains that way) does."""
     import pandas as pd
 
     from slidecensus.demo import DEMO_MPP, MATCH_UM, match_truth
+    from slidecensus.engine.plan import cohort_stain_target, slide_lab_stats
     from slidecensus.nuclei.crops import crops_for
-    from slidecensus.nuclei.segment import segment_image
+    from slidecensus.nuclei.normalize import _rgb8, fit_normalizer
+    from slidecensus.nuclei.segment import segment_image, stain_sample
     from slidecensus.tiling import open_slide
     from slidecensus.tiling.synth import synth_cohort
 
     cohort = pd.read_csv(synth_cohort(CACHE / "demo-slides", n_slides=4, size=(2048, 2048),
                                       seed=0, mpp=DEMO_MPP))
+    target = (cohort_stain_target([slide_lab_stats(p, None) for p in cohort["path"]])
+              if args.stain_target == "cohort" else None)
     parts, y, slide = [], [], []
     for path, sid in zip(cohort["path"], cohort["slide_id"], strict=True):
         with open_slide(path) as s:
             img = np.asarray(s.read_region(0, 0, 0, *s.levels[0].shape[1::-1]))[..., :3]
+            crop_src = img
+            if target is not None:  # the census' crops under the cohort's style
+                norm = fit_normalizer("reinhard", stain_sample(s, with_mask=False)[0], target)
+                crop_src = _rgb8(norm(img))
         lab_img, table = segment_image(img, mpp=DEMO_MPP)
         truth = pd.read_parquet(Path(path).with_name(f"{sid}.cells.parquet"))
-        parts.append(crops_for(img, lab_img, table, "field", DEMO_MPP))
+        parts.append(crops_for(crop_src, lab_img, table, "field", DEMO_MPP))
         y.append(match_truth(table[["x_px", "y_px"]].to_numpy(),
                              truth[["x_px", "y_px"]].to_numpy(),
                              truth["type"].astype(str).to_numpy(), MATCH_UM / DEMO_MPP))
         slide += [sid] * len(table)
-    out = Path(args.out)
+    out = Path(args.out or CACHE / ("demo-census-crops"
+                                    + ("-cohort" if target is not None else "") + ".npz"))
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = np.concatenate(y).astype(str)
     np.savez(out, field=np.concatenate(parts), labels=labels, slide=np.array(slide))
@@ -278,6 +294,10 @@ def cmd_ablation(args: argparse.Namespace) -> dict:
         "no contrastive term (lambda_nce 0)": {"lambda_nce": 0.0},
         "no k-means refinement": {"refine": "none"},
         "k-means on unwhitened features (refine_pca 0)": {"refine_pca": 0},
+        "hard colour bins over an 8 px disc, equal weights (the preset before)": {
+            "colour_soft": False, "colour_radii": (8.0, 14.0), "refine_colour_weight": 1.0},
+        "colour block weighted 1, not 2, in the k-means": {"refine_colour_weight": 1.0},
+        "hard colour bins (soft off)": {"colour_soft": False},
         "no over-clustering head": {"over_k": 0},
         "no Q batch norm": {"q_norm": False},
         "no G bias at the data mean": {"g_bias_mean": False},
@@ -328,7 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("crops")
     s.add_argument("--out", default=str(CACHE / "blood-census-crops.npz"))
     s = sub.add_parser("demo-crops")
-    s.add_argument("--out", default=str(CACHE / "demo-census-crops.npz"))
+    s.add_argument("--out", default=None,
+                   help="default: demo-census-crops[-cohort].npz in the cache")
+    s.add_argument("--stain-target", default=None, choices=["cohort"],
+                   help="crops in the cohort's pooled style, as slidecensus demo cuts them")
     s = sub.add_parser("ablation")
     s.add_argument("--data", required=True)
     s.add_argument("--seed", type=int, default=0)

@@ -35,7 +35,7 @@ from .networks import (
     q_input_dim,
     trunk_dim,
 )
-from .train import TrainConfig, resolve_device, to_model_input, validate_crops
+from .train import TrainConfig, colour_branch, resolve_device, to_model_input, validate_crops
 
 __all__ = ["CellModel", "d_features", "generation_grid", "load_model", "predict",
            "write_png"]
@@ -92,7 +92,7 @@ class CellModel:
                        norm=cfg.q_norm, hidden=dim)
         q_head.load_state_dict(w["Q_head"])
         mods = [m.to(dev).eval().requires_grad_(False) for m in (g, trunk, d_head, q_head)]
-        colour = ColourHistogram().to(dev) if cfg.q_colour else None
+        colour = colour_branch(cfg, dev)
         return cls(cfg, data["summary"], *mods, device=dev, colour=colour)
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidInputError
 from ..fastops import max_pool2
 
 __all__ = [
@@ -355,14 +356,25 @@ class ColourHistogram(nn.Module):
     sorts the 8 types at purity 0.74, against 0.56 for the compact trunk's features, which
     see granules and tint poorly at 32 px (docs/benchmarks.md, cell model). No gradient
     flows through the hard binning; the trunk's branch of Q keeps L_Q's gradient into G.
+
+    ``soft``: each pixel's vote is shared between the 8 bins around its colour (trilinear
+    weights to the bin centres), so a colour near a bin edge does not jump between bins
+    with a small stain shift. With the inner disc at 6 px instead of 8, k-means on these
+    alone sorts the blood cells at 0.805 instead of 0.758, and the demo's drawn cells at
+    0.825 instead of 0.660 (docs/benchmarks.md, cell model). ``radii`` are in pixels of a
+    32 px crop.
     """
 
-    def __init__(self, size: int = CROP_SIZE) -> None:
+    def __init__(self, size: int = CROP_SIZE, soft: bool = False,
+                 radii: tuple[float, float] = COLOUR_RADII) -> None:
         super().__init__()
+        r0, r1 = (float(v) for v in radii)
+        if not 0 < r0 < r1:
+            raise InvalidInputError(f"colour radii must satisfy 0 < inner < outer, got {radii}")
+        self.soft = bool(soft)
         c = (size - 1) / 2
         yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         r = torch.hypot(yy - c, xx - c) * (CROP_SIZE / size)
-        r0, r1 = COLOUR_RADII
         zone = torch.full((size, size), -1, dtype=torch.int64)
         zone[r < r0] = 0
         zone[(r >= r0) & (r < r1)] = 1
@@ -379,10 +391,21 @@ class ColourHistogram(nn.Module):
         grid = torch.stack(torch.meshgrid(lv, lv, lv, indexing="ij")).reshape(1, 3, -1)
         lab = _srgb_to_lab(grid)[0]
         lut = torch.zeros(lab.shape[1], dtype=torch.int64)
+        frac = torch.zeros(lab.shape[1], 3, dtype=torch.float32)
         for ch, (lo, hi) in enumerate(COLOUR_RANGES):
-            b = ((lab[ch] - lo) * (COLOUR_BINS / (hi - lo))).floor().long()
-            lut = lut * COLOUR_BINS + b.clamp(0, COLOUR_BINS - 1)
+            pos = (lab[ch] - lo) * (COLOUR_BINS / (hi - lo))
+            if soft:  # the lower of the two bin centres around the colour, and the weight
+                pos = (pos - 0.5).clamp(0, COLOUR_BINS - 1)  # of the upper one
+                b = pos.floor().long().clamp(0, COLOUR_BINS - 2)
+                frac[:, ch] = (pos - b).float()
+            else:
+                b = pos.floor().long().clamp(0, COLOUR_BINS - 1)
+            lut = lut * COLOUR_BINS + b
         self.register_buffer("lut", lut, persistent=False)
+        self.register_buffer("frac", frac if soft else torch.zeros(0), persistent=False)
+        # the 8 bins around a colour: which axes take the upper bin, and the index step
+        self._corners = [((a, b, e), (a * COLOUR_BINS + b) * COLOUR_BINS + e)
+                         for a in (0, 1) for b in (0, 1) for e in (0, 1)]
         self.out_dim = COLOUR_DIM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,7 +416,16 @@ class ColourHistogram(nn.Module):
             rgb = (q[:, 0] * _LUT_LEVELS + q[:, 1]) * _LUT_LEVELS + q[:, 2]
             idx = self.lut[rgb] + self.offset
             hist = torch.zeros(x.shape[0], COLOUR_DIM, device=x.device)
-            hist.scatter_add_(1, idx, torch.ones(idx.shape, device=x.device))
+            if not self.soft:
+                hist.scatter_add_(1, idx, torch.ones(idx.shape, device=x.device))
+            else:
+                f = self.frac[rgb]  # (B, P, 3): weight of the upper bin on each axis
+                g = 1 - f
+                for corner, step in self._corners:
+                    w = ((f[..., 0] if corner[0] else g[..., 0])
+                         * (f[..., 1] if corner[1] else g[..., 1])
+                         * (f[..., 2] if corner[2] else g[..., 2]))
+                    hist.scatter_add_(1, idx + step, w)
             return (hist / self.norm).sqrt()
 
 

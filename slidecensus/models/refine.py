@@ -93,17 +93,24 @@ def whiten(x: torch.Tensor, n: int, ridge: float = WHITEN_RIDGE) -> torch.Tensor
     return F.normalize(z @ v / scale, dim=1).float()
 
 
-def cluster_space(blocks: list[torch.Tensor], pca: int = 0) -> torch.Tensor:
+def cluster_space(blocks: list[torch.Tensor], pca: int = 0,
+                  weights: list[float] | None = None) -> torch.Tensor:
     """What k-means clusters: each feature block (trunk features, colour histograms)
     centred and scaled to unit length, or with ``pca`` > 0 whitened to its first ``pca``
-    principal components (:func:`whiten`), and the blocks side by side with equal weight.
+    principal components (:func:`whiten`), times its weight (default 1 each), and the
+    blocks side by side.
 
     Blood cells, three models: purity 0.757 with unit-length blocks, 0.781 with each
     block whitened to 32 components (docs/benchmarks.md, cell model).
     """
+    weights = [1.0] * len(blocks) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(blocks):
+        raise ValueError(f"{len(weights)} weights for {len(blocks)} feature blocks")
     if pca > 0:
-        return torch.cat([whiten(b, pca) for b in blocks], dim=1)
-    return torch.cat([F.normalize(b - b.mean(0), dim=1) for b in blocks], dim=1)
+        return torch.cat([w * whiten(b, pca) for b, w in zip(blocks, weights, strict=True)],
+                         dim=1)
+    return torch.cat([w * F.normalize(b - b.mean(0), dim=1)
+                      for b, w in zip(blocks, weights, strict=True)], dim=1)
 
 
 def trunk_features(trunk: nn.Module, crops: torch.Tensor, batch: int = 1024,
@@ -124,7 +131,8 @@ def trunk_features(trunk: nn.Module, crops: torch.Tensor, batch: int = 1024,
 def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: int,
                   generator: torch.Generator, *, colour: nn.Module | None = None,
                   steps: int = 300, batch: int = 256, lr: float = 1e-3,
-                  amp: bool = False, pca: int = 0) -> torch.Tensor:
+                  amp: bool = False, pca: int = 0, colour_weight: float = 1.0
+                  ) -> torch.Tensor:
     """Cluster the trunk's features of ``crops`` (uint8 NCHW) with k-means and train
     ``q_head`` alone to predict the clusters; returns the k-means labels (n,).
 
@@ -135,6 +143,7 @@ def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: i
     length, with equal weight (what the trunk sees of shape, what the histograms see of
     stain and granules). With ``pca`` > 0 each block is first whitened to that many
     principal components (:func:`cluster_space`); Q's head still reads the raw features.
+    ``colour_weight`` weighs the colour block against the trunk's in that space.
     """
     feats = trunk_features(trunk, crops, amp=amp)
     blocks = [feats.cpu()]
@@ -142,7 +151,8 @@ def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: i
         col = colour_features(colour, crops)
         blocks.append(col.cpu())
         feats = torch.cat([feats, col], dim=1)
-    labels, _ = kmeans(cluster_space(blocks, pca), k, generator)
+    weights = [1.0, colour_weight][:len(blocks)]
+    labels, _ = kmeans(cluster_space(blocks, pca, weights), k, generator)
     labels = labels.to(feats.device)
     opt = torch.optim.Adam(q_head.parameters(), lr=lr)
     was_training = q_head.training

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import platform
@@ -57,6 +58,7 @@ from .augment import AugmentSpec, augment, iic_loss, nt_xent
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .networks import (
     ARCHS,
+    COLOUR_RADII,
     CROP_SIZE,
     ColourHistogram,
     CriticHead,
@@ -74,6 +76,7 @@ __all__ = [
     "InfoGANTrainer",
     "TrainConfig",
     "build_networks",
+    "colour_branch",
     "critic_loss",
     "format_progress",
     "generator_loss",
@@ -92,7 +95,8 @@ log = logging.getLogger(__name__)
 NORMALISATION = "x / 127.5 - 1"
 
 #: Config keys that fix the shapes of the weights; a resumed run must keep them.
-ARCH_KEYS = ("k", "z_dim", "width", "crop_size", "arch", "over_k", "q_norm", "q_colour")
+ARCH_KEYS = ("k", "z_dim", "width", "crop_size", "arch", "over_k", "q_norm", "q_colour",
+             "colour_soft", "colour_radii")
 #: Augmentations of real crops: ``rot90`` the paper's four rotations (critic batches only);
 #: ``affine`` adds :func:`~.augment.augment`'s views for the IIC term and the critic.
 AUGMENTS = ("rot90", "affine")
@@ -165,6 +169,11 @@ class TrainConfig:
     q_colour : bool
         Q's head reads the crop's colour histograms
         (:class:`~.networks.ColourHistogram`) next to the shared trunk's features.
+    colour_soft, colour_radii : bool, (float, float)
+        How those histograms are taken: each pixel's vote shared between the bins around
+        its colour (trilinear) or in one bin, over an inner disc and a ring of these radii
+        (pixels of the 32 px crop). The defaults (hard bins, 8 and 14 px) are what models
+        trained before these settings existed used.
     g_bias_mean : bool
         Start G's output bias at the crops' mean colour (so G does not begin as a grey
         image against white-background cells, which drives the early critic far off).
@@ -198,6 +207,8 @@ class TrainConfig:
         For ``kmeans``: whiten each feature block (trunk, colour histograms) to this many
         principal components before clustering (:func:`~.refine.cluster_space`); 0 clusters
         the blocks centred and scaled to unit length only.
+    refine_colour_weight : float
+        For ``kmeans``: the weight of the colour block against the trunk's (1: equal).
     crop_mode, crop_window_um : str, float
         How the census cuts crops for this model: ``nucleus`` (the paper's nucleus box,
         outside the nucleus white), ``box`` (the same unmasked), ``window`` (a fixed
@@ -232,6 +243,8 @@ class TrainConfig:
     betas_q: tuple[float, float] | None = None
     q_norm: bool = False
     q_colour: bool = False
+    colour_soft: bool = False
+    colour_radii: tuple[float, float] = COLOUR_RADII
     g_bias_mean: bool = False
     lambda_iic: float = 0.0
     over_k: int = 0
@@ -245,6 +258,7 @@ class TrainConfig:
     refine: str = "none"
     refine_steps: int = 300
     refine_pca: int = 0
+    refine_colour_weight: float = 1.0
     stain_norm: str = "reinhard"  # how the training crops' tiles were normalised (recorded)
     #: lαβ (mean, std) the crops were Reinhard-normalised to (the cohort's own style, from
     #: the training slides); the census normalises its crops the same way. None: raw crops.
@@ -278,6 +292,13 @@ class TrainConfig:
             problems.append(f"refine must be one of {', '.join(REFINES)}, got {self.refine!r}")
         if self.refine_pca < 0:
             problems.append(f"refine_pca must be >= 0, got {self.refine_pca}")
+        if not (math.isfinite(self.refine_colour_weight) and self.refine_colour_weight > 0):
+            problems.append(f"refine_colour_weight must be > 0, got "
+                            f"{self.refine_colour_weight}")
+        r0, r1 = self.colour_radii
+        if not (0 < r0 < r1):
+            problems.append(f"colour_radii must satisfy 0 < inner < outer, got "
+                            f"{self.colour_radii}")
         if not (math.isfinite(self.view_scale) and 0 <= self.view_scale < 1):
             problems.append(f"view_scale must be in [0, 1), got {self.view_scale}")
         if self.iic_batch < 2:
@@ -319,6 +340,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["betas_q"] = list(self.betas_q) if self.betas_q is not None else None
+        d["colour_radii"] = list(self.colour_radii)
         if self.crop_lab_target is not None:
             d["crop_lab_target"] = [list(v) for v in self.crop_lab_target]
         d["normalisation"] = NORMALISATION
@@ -329,7 +351,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {key: v for key, v in d.items() if key in names}
-        for key in ("betas", "betas_q"):
+        for key in ("betas", "betas_q", "colour_radii"):
             if kw.get(key) is not None:
                 kw[key] = tuple(kw[key])
         if kw.get("crop_lab_target") is not None:
@@ -350,6 +372,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def colour_branch(config: TrainConfig, device: str | torch.device = "cpu"
+                  ) -> ColourHistogram | None:
+    """The fixed colour branch of Q's input that ``config`` asks for (None without
+    ``q_colour``), on ``device``."""
+    if not config.q_colour:
+        return None
+    return ColourHistogram(soft=config.colour_soft, radii=config.colour_radii).to(device)
 
 
 def validate_crops(crops: np.ndarray) -> np.ndarray:
@@ -536,7 +567,7 @@ class InfoGANTrainer:
         self.use_amp = use_bf16(device.type, config.amp, config.amp_cpu)
         self.augment_spec = AugmentSpec(scale=(1 - config.view_scale,
                                                1 + config.view_scale))
-        self.colour = ColourHistogram().to(device) if config.q_colour else None
+        self.colour = colour_branch(config, device)
         self.last_iic = torch.zeros((), device=device)
         self.last_nce = torch.zeros((), device=device)
 
@@ -717,6 +748,8 @@ def train_infogan(
         torch.backends.cudnn.deterministic = config.deterministic
     total = config.total_iterations(len(crops))
     per_epoch = config.iterations_per_epoch(len(crops))
+    # the sample's fingerprint: two runs that should be the same can be checked to be
+    sample_sha = hashlib.sha256(np.ascontiguousarray(crops).data).hexdigest()
     gen = torch.Generator().manual_seed(config.seed)
     trainer = InfoGANTrainer(config, dev, gen)
     if dev.type == "cpu" and config.amp_cpu:
@@ -733,12 +766,14 @@ def train_infogan(
     if resume and out.exists():
         ckpt = load_checkpoint(out)
         saved = ckpt["config"]
-        diff = [key for key in ARCH_KEYS if saved.get(key) != getattr(config, key)]
+        saved_cfg = TrainConfig.from_dict(saved)  # settings it predates take their defaults
+        diff = [key for key in ARCH_KEYS
+                if getattr(saved_cfg, key) != getattr(config, key)]
         if (float(saved.get("lambda_nce", 0.0)) > 0) != (config.lambda_nce > 0):
             diff.append("lambda_nce")
         if diff:
             raise CheckpointError(out, "cannot resume: architecture differs in "
-                                  + ", ".join(f"{key} ({saved.get(key)} saved, "
+                                  + ", ".join(f"{key} ({getattr(saved_cfg, key)} saved, "
                                               f"{getattr(config, key)} asked)" for key in diff))
         state = ckpt.get("train_state")
         if state is None:
@@ -764,7 +799,8 @@ def train_infogan(
         summary = {
             "iteration": iteration, "total_iterations": total,
             "iterations_per_epoch": per_epoch, "epochs_done": iteration / per_epoch,
-            "n_crops": len(crops), "time_s": time_before + time.perf_counter() - t_run,
+            "n_crops": len(crops), "sample_sha256": sample_sha,
+            "time_s": time_before + time.perf_counter() - t_run,
             "seed": config.seed, "device": str(dev), "versions": _versions(),
             "history": history, "refine": refined,
         }
@@ -804,9 +840,11 @@ def train_infogan(
         labels = refine_q_head(trainer.trunk, trainer.q_head, data_t, config.k, gen,
                                colour=trainer.colour,
                                steps=config.refine_steps, amp=trainer.use_amp,
-                               pca=config.refine_pca)
+                               pca=config.refine_pca,
+                               colour_weight=config.refine_colour_weight)
         sizes = torch.bincount(labels.cpu(), minlength=config.k).tolist()
-        refined = {"method": "kmeans", "pca": config.refine_pca, "cluster_sizes": sizes,
+        refined = {"method": "kmeans", "pca": config.refine_pca,
+                   "colour_weight": config.refine_colour_weight, "cluster_sizes": sizes,
                    "time_s": time.perf_counter() - t_ref}
         log.info("Q refined on k-means of the trunk features: cluster sizes %s", sizes)
     snapshot(max(total, start_it))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidecensus.errors import InvalidInputError
 from slidecensus.models.networks import CriticHead, CriticTrunk, Generator, QHead
 from slidecensus.models.train import (
     TrainConfig,
@@ -184,3 +185,96 @@ def test_q_with_colour_round_trips_through_the_checkpoint(tmp_path):
             predict(model, crops)  # the head expects the histograms next to the features
     finally:
         model.colour = saved
+
+
+def _one_colour_crops(colours):
+    import numpy as np
+
+    x = torch.from_numpy(np.repeat(np.repeat(np.asarray(colours, np.uint8)[:, None, None],
+                                             32, 1), 32, 2))
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_soft_colour_histogram_shares_a_colour_between_the_bins_around_it():
+    """A crop of one colour puts trilinear weights (to the bin centres, from skimage's Lab
+    of the colour as the 64-level table holds it) on the 8 bins around it, in each zone."""
+    import numpy as np
+    from skimage.color import rgb2lab
+
+    from slidecensus.models.networks import COLOUR_BINS, COLOUR_RANGES, ColourHistogram
+
+    colours = np.array([[120, 60, 160], [230, 150, 170], [200, 120, 190]], np.uint8)
+    h = ColourHistogram(soft=True, radii=(6.0, 14.0))(_one_colour_crops(colours))
+    quantised = (np.floor(colours / 255 * 64) + 0.5) / 64
+    lab = rgb2lab(quantised[None])[0]
+    n = COLOUR_BINS ** 3
+    for i, (L, a, b) in enumerate(lab):
+        want = np.ones((1, 1, 1))
+        for v, (lo, hi) in zip((L, a, b), COLOUR_RANGES, strict=True):
+            pos = float(np.clip((v - lo) * COLOUR_BINS / (hi - lo) - 0.5, 0, COLOUR_BINS - 1))
+            w = np.maximum(0.0, 1 - np.abs(pos - np.arange(COLOUR_BINS)))
+            want = want[..., None] * w
+        want = want.reshape(-1)
+        got = (h[i] ** 2).numpy()
+        assert np.allclose(got[:n], want, atol=1e-3) and np.allclose(got[n:], want, atol=1e-3)
+        assert (want > 0).sum() > 1  # the colours chosen do fall between bin centres
+
+
+def test_soft_colour_histogram_moves_little_when_a_colour_crosses_a_bin_edge():
+    """Two colours 2 levels apart on either side of a hard bin edge: the hard histograms
+    share nothing, the soft ones almost everything."""
+    import numpy as np
+
+    from slidecensus.models.networks import ColourHistogram
+
+    hard = ColourHistogram()
+    base = np.array([150, 90, 170])
+    for g in range(40, 140):  # find a green level where the hard bin changes
+        pair = np.array([[*base[:1], g, base[2]], [*base[:1], g + 2, base[2]]], np.uint8)
+        hh = hard(_one_colour_crops(pair)) ** 2
+        if not torch.allclose(hh[0], hh[1]):
+            break
+    else:
+        pytest.fail("no bin edge found")
+    soft = ColourHistogram(soft=True)(_one_colour_crops(pair)) ** 2
+    assert (hh[0] - hh[1]).abs().sum() == pytest.approx(4.0)  # two zones, all moved
+    assert (soft[0] - soft[1]).abs().sum() < 0.5
+
+
+def test_soft_colour_histogram_is_rotation_invariant_and_sums_to_one_per_zone():
+    from slidecensus.models.networks import COLOUR_BINS, ColourHistogram
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    ch = ColourHistogram(soft=True, radii=(6.0, 14.0))
+    h = ch(x)
+    assert torch.allclose((h ** 2).reshape(3, 2, COLOUR_BINS ** 3).sum(-1), torch.ones(3, 2),
+                          atol=1e-5)
+    for k in (1, 2, 3):
+        assert torch.allclose(ch(torch.rot90(x, k, dims=(2, 3))), h, atol=1e-6)
+    assert torch.allclose(ch(torch.flip(x, dims=(3,))), h, atol=1e-6)
+    with pytest.raises(InvalidInputError):
+        ColourHistogram(radii=(14.0, 6.0))
+
+
+def test_models_from_before_the_colour_settings_load_with_hard_bins(tmp_path):
+    """A checkpoint whose config predates ``colour_soft``/``colour_radii`` reads its colour
+    histograms as it was trained: hard bins over an 8 px disc."""
+    import numpy as np
+
+    from slidecensus.models import load_model, predict, preset_config, train_infogan
+    from slidecensus.models.checkpoint import load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    cfg = preset_config("fast", k=3, iterations=2, refine_steps=3)
+    train_infogan(crops, cfg, tmp_path / "m.pt", log_every=100, progress=lambda r: None)
+    new = load_model(tmp_path / "m.pt")
+    assert new.colour.soft and new.config.colour_radii == (6.0, 14.0)
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    for key in ("colour_soft", "colour_radii", "refine_colour_weight"):
+        del ckpt["config"][key]
+    save_checkpoint(ckpt, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert not old.colour.soft and old.config.colour_radii == (8.0, 14.0)
+    assert not np.array_equal(predict(old, crops)[1], predict(new, crops)[1])

@@ -129,3 +129,72 @@ def test_refine_q_head_clusters_in_the_whitened_space_it_is_given():
 
     assert purity_with(0) < 0.75
     assert purity_with(3) > 0.95
+
+
+def test_cluster_space_weighs_each_block_by_its_weight():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 10, generator=gen), torch.randn(200, 30, generator=gen)
+    for pca in (0, 5):
+        z = cluster_space([a, b], pca, [1.0, 2.0])
+        n = z.shape[1] // 2 if pca else 10
+        assert torch.allclose(z[:, :n].norm(dim=1), torch.ones(200), atol=1e-5)
+        assert torch.allclose(z[:, n:].norm(dim=1), torch.full((200,), 2.0), atol=1e-5)
+    with pytest.raises(ValueError):
+        cluster_space([a, b], 5, [1.0])
+
+
+class _HalfMeans(torch.nn.Module):
+    """A stand-in trunk: the mean level of each channel over the crop's left half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives refine_q_head a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :, :16].mean(dim=(2, 3))
+
+
+class _RightMeans(torch.nn.Module):
+    """A stand-in colour branch: the mean level of each channel over the right half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("unused", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :, 16:].float().mean(dim=(2, 3))
+
+
+def test_refine_q_head_weighs_the_colour_block_as_asked():
+    """The left half of each crop splits the cells one way, the right half another (two
+    groupings that cross): the k-means follows the block given the larger weight (fails if
+    ``refine_q_head`` drops ``colour_weight``)."""
+    from slidecensus.models.networks import QHead
+    from slidecensus.models.refine import refine_q_head
+
+    gen = torch.Generator().manual_seed(0)
+    left_type = torch.arange(2).repeat(150)             # 0 1 0 1 ...
+    right_type = torch.arange(2).repeat_interleave(150)  # 0 ... 0 1 ... 1
+    crops = torch.full((300, 3, 32, 32), 128, dtype=torch.float32)
+    crops[:, :, :, :16] += (60.0 * left_type - 30)[:, None, None, None]
+    crops[:, :, :, 16:] += (60.0 * right_type - 30)[:, None, None, None]
+    crops += 8 * torch.randn(crops.shape, generator=gen)
+    crops = crops.round().clamp(0, 255).to(torch.uint8)
+
+    def labels_with(weight: float) -> torch.Tensor:
+        return refine_q_head(_HalfMeans(), QHead(6, 2), crops, 2,
+                             torch.Generator().manual_seed(1), colour=_RightMeans(),
+                             steps=0, pca=3, colour_weight=weight)
+
+    assert purity(right_type.numpy(), labels_with(4.0).numpy()) == 1.0
+    assert purity(left_type.numpy(), labels_with(0.25).numpy()) == 1.0
+
+
+def test_fast_preset_weighs_soft_colour_histograms_twice_the_trunk():
+    cfg = preset_config("fast")
+    assert cfg.colour_soft and cfg.colour_radii == (6.0, 14.0)
+    assert cfg.refine_colour_weight == 2.0
+    with pytest.raises(InvalidInputError):
+        preset_config("fast", refine_colour_weight=0.0)
+    with pytest.raises(InvalidInputError):
+        preset_config("fast", colour_radii=(14.0, 6.0))
