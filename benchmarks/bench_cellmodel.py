@@ -138,48 +138,58 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
     res: dict = {"infer_cells_per_s_one_thread": {}, "train_it_per_s_all_cores": {}}
+    real_path = Path(args.crops)
+    if real_path.exists():  # real census crops (the colour histograms' cost depends on
+        real = np.load(real_path)["field"]  # how many bins a crop's pixels fall in)
+        res["crops"] = f"{real_path.name}, tiled to {args.n}"
+        crops = np.concatenate([real] * -(-args.n // len(real)))[:args.n]
+    else:
+        res["crops"] = "uniform random pixels (run `bench_cellmodel crops` for real ones)"
     from slidecensus.hardware import BF16_ENV, cpu_bf16_reason
 
     res["cpu_bf16"] = cpu_bf16_reason()
     res["cpu"] = _cpu_model()
-    for preset in ("fast", "paper"):
-        for amp in (False, True):
-            # bf16 rows run bf16 even where it is emulated (the default then is fp32)
-            os.environ[BF16_ENV] = "1" if amp else "0"
-            cfg = preset_config(preset, amp_cpu=amp)
-            nets = build_networks(cfg)
-            mods = [nets[n].eval().requires_grad_(False) for n in ("G", "D_trunk", "D_head",
-                                                                    "Q_head")]
-            model = CellModel(cfg, {}, *mods, device=torch.device("cpu"),
-                              colour=colour_branch(cfg))
-            torch.set_num_threads(1)
-            n = args.n if preset == "fast" else max(256, args.n // 32)
-            predict(model, crops[:256], batch_size=256)
-            t = time.perf_counter()
-            predict(model, crops[:n], batch_size=256)
-            rate = n / (time.perf_counter() - t)
-            res["infer_cells_per_s_one_thread"][f"{preset}_{'bf16' if amp else 'fp32'}"] = rate
-            torch.set_num_threads(len(os.sched_getaffinity(0)))
-            gen = torch.Generator().manual_seed(0)
-            tr = InfoGANTrainer(cfg, torch.device("cpu"), gen)
-            data = torch.from_numpy(crops[:2048]).permute(0, 3, 1, 2).contiguous()
-            b = _RealBatches(data, cfg.batch_size, True, gen)
-            bi = _RealBatches(data, cfg.iic_batch, True, gen)
-            steps = 6 if preset == "fast" else 1
+    rows = [("fast", False, {}), ("fast", True, {}),
+            ("fast", True, {"colour_soft": False, "colour_radii": (8.0, 14.0)}),
+            ("paper", False, {}), ("paper", True, {})]
+    for preset, amp, change in rows:
+        # bf16 rows run bf16 even where it is emulated (the default then is fp32)
+        os.environ[BF16_ENV] = "1" if amp else "0"
+        cfg = preset_config(preset, amp_cpu=amp, **change)
+        tag = f"{preset}_{'bf16' if amp else 'fp32'}" + ("_hard_colour" if change else "")
+        nets = build_networks(cfg)
+        mods = [nets[n].eval().requires_grad_(False) for n in ("G", "D_trunk", "D_head",
+                                                                "Q_head")]
+        model = CellModel(cfg, {}, *mods, device=torch.device("cpu"),
+                          colour=colour_branch(cfg))
+        torch.set_num_threads(1)
+        n = args.n if preset == "fast" else max(256, args.n // 32)
+        predict(model, crops[:256], batch_size=256)
+        t = time.perf_counter()
+        predict(model, crops[:n], batch_size=256)
+        rate = n / (time.perf_counter() - t)
+        res["infer_cells_per_s_one_thread"][tag] = rate
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        gen = torch.Generator().manual_seed(0)
+        tr = InfoGANTrainer(cfg, torch.device("cpu"), gen)
+        data = torch.from_numpy(crops[:2048]).permute(0, 3, 1, 2).contiguous()
+        b = _RealBatches(data, cfg.batch_size, True, gen)
+        bi = _RealBatches(data, cfg.iic_batch, True, gen)
+        steps = 20 if preset == "fast" else 1
 
-            def one(tr=tr, b=b, bi=bi, cfg=cfg):
-                for _ in range(cfg.n_critic):
-                    tr.critic_step(b.next())
-                tr.generator_step()
-                tr.q_step(bi.next() if cfg.lambda_iic > 0 else None)
+        def one(tr=tr, b=b, bi=bi, cfg=cfg):
+            for _ in range(cfg.n_critic):
+                tr.critic_step(b.next())
+            tr.generator_step()
+            tr.q_step(bi.next() if cfg.lambda_iic > 0 else None)
 
+        one()
+        t = time.perf_counter()
+        for _ in range(steps):
             one()
-            t = time.perf_counter()
-            for _ in range(steps):
-                one()
-            res["train_it_per_s_all_cores"][f"{preset}_{'bf16' if amp else 'fp32'}"] = (
-                steps / (time.perf_counter() - t))
-            print(preset, amp, rate, res["train_it_per_s_all_cores"], flush=True)
+        res["train_it_per_s_all_cores"][tag] = (
+            steps / (time.perf_counter() - t))
+        print(preset, amp, rate, res["train_it_per_s_all_cores"], flush=True)
     res["threads_all_cores"] = len(os.sched_getaffinity(0))
     os.environ.pop(BF16_ENV, None)
     return res
@@ -298,6 +308,7 @@ def cmd_ablation(args: argparse.Namespace) -> dict:
             "colour_soft": False, "colour_radii": (8.0, 14.0), "refine_colour_weight": 1.0},
         "colour block weighted 1, not 2, in the k-means": {"refine_colour_weight": 1.0},
         "hard colour bins (soft off)": {"colour_soft": False},
+        "8 k-means restarts, not 128": {"refine_restarts": 8},
         "no over-clustering head": {"over_k": 0},
         "no Q batch norm": {"q_norm": False},
         "no G bias at the data mean": {"g_bias_mean": False},
@@ -345,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="train's --stain-target (e.g. cohort; run adopts the model's style)")
     s = sub.add_parser("speed")
     s.add_argument("--n", type=int, default=8192)
+    s.add_argument("--crops", default=str(CACHE / "blood-census-crops.npz"),
+                   help="real crops to time Q on (random pixels when the file is missing)")
     s = sub.add_parser("crops")
     s.add_argument("--out", default=str(CACHE / "blood-census-crops.npz"))
     s = sub.add_parser("demo-crops")

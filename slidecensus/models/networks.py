@@ -391,42 +391,41 @@ class ColourHistogram(nn.Module):
         grid = torch.stack(torch.meshgrid(lv, lv, lv, indexing="ij")).reshape(1, 3, -1)
         lab = _srgb_to_lab(grid)[0]
         lut = torch.zeros(lab.shape[1], dtype=torch.int64)
-        frac = torch.zeros(lab.shape[1], 3, dtype=torch.float32)
+        frac = torch.zeros(3, lab.shape[1], dtype=torch.float32)
         for ch, (lo, hi) in enumerate(COLOUR_RANGES):
             pos = (lab[ch] - lo) * (COLOUR_BINS / (hi - lo))
             if soft:  # the lower of the two bin centres around the colour, and the weight
                 pos = (pos - 0.5).clamp(0, COLOUR_BINS - 1)  # of the upper one
                 b = pos.floor().long().clamp(0, COLOUR_BINS - 2)
-                frac[:, ch] = (pos - b).float()
+                frac[ch] = (pos - b).float()
             else:
                 b = pos.floor().long().clamp(0, COLOUR_BINS - 1)
             lut = lut * COLOUR_BINS + b
         self.register_buffer("lut", lut, persistent=False)
-        self.register_buffer("frac", frac if soft else torch.zeros(0), persistent=False)
-        # the 8 bins around a colour: which axes take the upper bin, and the index step
-        self._corners = [((a, b, e), (a * COLOUR_BINS + b) * COLOUR_BINS + e)
-                         for a in (0, 1) for b in (0, 1) for e in (0, 1)]
+        self.register_buffer("frac", frac if soft else torch.zeros(3, 0), persistent=False)
         self.out_dim = COLOUR_DIM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, COLOUR_DIM) float32 from images (B, 3, size, size) in [-1, 1]."""
-        with torch.autocast(x.device.type, enabled=False):
-            q = (x.detach().float().flatten(2)[:, :, self.keep] + 1) * (_LUT_LEVELS / 2)
+        n = COLOUR_BINS
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            q = x.detach().float().flatten(2)[:, :, self.keep].add_(1).mul_(_LUT_LEVELS / 2)
             q = q.to(torch.int32).clamp_(0, _LUT_LEVELS - 1)  # truncation: floor, as q >= -1
-            rgb = (q[:, 0] * _LUT_LEVELS + q[:, 1]) * _LUT_LEVELS + q[:, 2]
-            idx = self.lut[rgb] + self.offset
-            hist = torch.zeros(x.shape[0], COLOUR_DIM, device=x.device)
+            rgb = q[:, 0].mul(_LUT_LEVELS).add_(q[:, 1]).mul_(_LUT_LEVELS).add_(q[:, 2])
+            idx = self.lut[rgb].add_(self.offset)
+            # room past the last bin, so the soft votes can be scattered into shifted views
+            hist = torch.zeros(x.shape[0], COLOUR_DIM + n * n + n + 1, device=x.device)
             if not self.soft:
                 hist.scatter_add_(1, idx, torch.ones(idx.shape, device=x.device))
-            else:
-                f = self.frac[rgb]  # (B, P, 3): weight of the upper bin on each axis
-                g = 1 - f
-                for corner, step in self._corners:
-                    w = ((f[..., 0] if corner[0] else g[..., 0])
-                         * (f[..., 1] if corner[1] else g[..., 1])
-                         * (f[..., 2] if corner[2] else g[..., 2]))
-                    hist.scatter_add_(1, idx + step, w)
-            return (hist / self.norm).sqrt()
+            else:  # each pixel's vote shared between the 8 bins around its colour
+                fa, fb, fc = self.frac[0][rgb], self.frac[1][rgb], self.frac[2][rgb]
+                ga, gb, gc = 1 - fa, 1 - fb, 1 - fc
+                for wa, da in ((ga, 0), (fa, n * n)):
+                    for wb, db in ((gb, 0), (fb, n)):
+                        wab = wa * wb
+                        hist[:, da + db:].scatter_add_(1, idx, wab * gc)
+                        hist[:, da + db + 1:].scatter_add_(1, idx, wab * fc)
+            return (hist[:, :COLOUR_DIM] / self.norm).sqrt()
 
 
 def q_input_dim(arch: str, width: int, colour: bool) -> int:

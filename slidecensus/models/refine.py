@@ -131,8 +131,8 @@ def trunk_features(trunk: nn.Module, crops: torch.Tensor, batch: int = 1024,
 def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: int,
                   generator: torch.Generator, *, colour: nn.Module | None = None,
                   steps: int = 300, batch: int = 256, lr: float = 1e-3,
-                  amp: bool = False, pca: int = 0, colour_weight: float = 1.0
-                  ) -> torch.Tensor:
+                  amp: bool = False, pca: int = 0, colour_weight: float = 1.0,
+                  restarts: int = 8) -> torch.Tensor:
     """Cluster the trunk's features of ``crops`` (uint8 NCHW) with k-means and train
     ``q_head`` alone to predict the clusters; returns the k-means labels (n,).
 
@@ -143,7 +143,8 @@ def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: i
     length, with equal weight (what the trunk sees of shape, what the histograms see of
     stain and granules). With ``pca`` > 0 each block is first whitened to that many
     principal components (:func:`cluster_space`); Q's head still reads the raw features.
-    ``colour_weight`` weighs the colour block against the trunk's in that space.
+    ``colour_weight`` weighs the colour block against the trunk's in that space;
+    ``restarts`` is k-means' ``n_init``.
     """
     feats = trunk_features(trunk, crops, amp=amp)
     blocks = [feats.cpu()]
@@ -152,7 +153,7 @@ def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: i
         blocks.append(col.cpu())
         feats = torch.cat([feats, col], dim=1)
     weights = [1.0, colour_weight][:len(blocks)]
-    labels, _ = kmeans(cluster_space(blocks, pca, weights), k, generator)
+    labels, _ = kmeans(cluster_space(blocks, pca, weights), k, generator, n_init=restarts)
     labels = labels.to(feats.device)
     opt = torch.optim.Adam(q_head.parameters(), lr=lr)
     was_training = q_head.training

@@ -209,6 +209,10 @@ class TrainConfig:
         the blocks centred and scaled to unit length only.
     refine_colour_weight : float
         For ``kmeans``: the weight of the colour block against the trunk's (1: equal).
+    refine_restarts : int
+        For ``kmeans``: k-means++ restarts, the one of least inertia kept. The objective
+        has many local optima of near-equal inertia and different cell types, so more
+        restarts give clusters that vary less from run to run.
     crop_mode, crop_window_um : str, float
         How the census cuts crops for this model: ``nucleus`` (the paper's nucleus box,
         outside the nucleus white), ``box`` (the same unmasked), ``window`` (a fixed
@@ -259,6 +263,7 @@ class TrainConfig:
     refine_steps: int = 300
     refine_pca: int = 0
     refine_colour_weight: float = 1.0
+    refine_restarts: int = 8
     stain_norm: str = "reinhard"  # how the training crops' tiles were normalised (recorded)
     #: lαβ (mean, std) the crops were Reinhard-normalised to (the cohort's own style, from
     #: the training slides); the census normalises its crops the same way. None: raw crops.
@@ -295,6 +300,8 @@ class TrainConfig:
         if not (math.isfinite(self.refine_colour_weight) and self.refine_colour_weight > 0):
             problems.append(f"refine_colour_weight must be > 0, got "
                             f"{self.refine_colour_weight}")
+        if self.refine_restarts < 1:
+            problems.append(f"refine_restarts must be >= 1, got {self.refine_restarts}")
         r0, r1 = self.colour_radii
         if not (0 < r0 < r1):
             problems.append(f"colour_radii must satisfy 0 < inner < outer, got "
@@ -841,10 +848,12 @@ def train_infogan(
                                colour=trainer.colour,
                                steps=config.refine_steps, amp=trainer.use_amp,
                                pca=config.refine_pca,
-                               colour_weight=config.refine_colour_weight)
+                               colour_weight=config.refine_colour_weight,
+                               restarts=config.refine_restarts)
         sizes = torch.bincount(labels.cpu(), minlength=config.k).tolist()
         refined = {"method": "kmeans", "pca": config.refine_pca,
-                   "colour_weight": config.refine_colour_weight, "cluster_sizes": sizes,
+                   "colour_weight": config.refine_colour_weight,
+                   "restarts": config.refine_restarts, "cluster_sizes": sizes,
                    "time_s": time.perf_counter() - t_ref}
         log.info("Q refined on k-means of the trunk features: cluster sizes %s", sizes)
     snapshot(max(total, start_it))
