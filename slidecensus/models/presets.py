@@ -10,7 +10,8 @@
   output bias at the data mean, a fixed physical crop window, and colour histograms of
   the crop next to the trunk's features in Q's input, and a contrastive term (SimCLR's
   NT-Xent) on the trunk's features of the same views, and at the end k-means of the
-  trunk's features and the histograms, each whitened (PCA), distilled into Q's head. A
+  trunk's features and the (soft) histograms, each whitened (PCA), the histograms weighted
+  2:1, the best of 128 restarts, distilled into Q's head. A
   fixed number of iterations, so training time does not grow with the cohort. Measured in
   docs/benchmarks.md (cell model).
 * ``auto``: ``paper`` when the training device is a CUDA GPU, ``fast`` otherwise.
