@@ -140,11 +140,10 @@ def refine_q_head(trunk: nn.Module, q_head: nn.Module, crops: torch.Tensor, k: i
     against per-dimension standardisation, which blows up near-constant features. With
     ``colour`` (a :class:`~.networks.ColourHistogram`), Q's head also reads the crops'
     colour histograms, and k-means clusters both blocks, each centred and scaled to unit
-    length, with equal weight (what the trunk sees of shape, what the histograms see of
-    stain and granules). With ``pca`` > 0 each block is first whitened to that many
-    principal components (:func:`cluster_space`); Q's head still reads the raw features.
-    ``colour_weight`` weighs the colour block against the trunk's in that space;
-    ``restarts`` is k-means' ``n_init``.
+    length (what the trunk sees of shape, what the histograms see of stain and granules),
+    the colour block times ``colour_weight``. With ``pca`` > 0 each block is first
+    whitened to that many principal components (:func:`cluster_space`); Q's head still
+    reads the raw features. ``restarts`` is k-means' ``n_init``.
     """
     feats = trunk_features(trunk, crops, amp=amp)
     blocks = [feats.cpu()]

@@ -302,10 +302,10 @@ class TrainConfig:
                             f"{self.refine_colour_weight}")
         if self.refine_restarts < 1:
             problems.append(f"refine_restarts must be >= 1, got {self.refine_restarts}")
-        r0, r1 = self.colour_radii
-        if not (0 < r0 < r1):
-            problems.append(f"colour_radii must satisfy 0 < inner < outer, got "
-                            f"{self.colour_radii}")
+        radii = tuple(self.colour_radii)
+        if len(radii) != 2 or not (0 < radii[0] < radii[1]):
+            problems.append(f"colour_radii must be (inner, outer) px with 0 < inner < outer, "
+                            f"got {self.colour_radii}")
         if not (math.isfinite(self.view_scale) and 0 <= self.view_scale < 1):
             problems.append(f"view_scale must be in [0, 1), got {self.view_scale}")
         if self.iic_batch < 2:

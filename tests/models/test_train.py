@@ -197,3 +197,25 @@ def test_q_step_updates_g_and_q_but_not_the_critic_head(q_trains_trunk):
     moved = {name: _changed(before[name], m) for name, m in nets.items()}
     assert moved == {"G": True, "trunk": False, "D": False, "Q": False}
     assert all(p.requires_grad for p in trainer.d_params)  # the critic is unfrozen again
+
+
+def test_checkpoint_records_the_fingerprint_of_its_training_sample(tmp_path):
+    """Two models can be checked to come from the same crops: the summary holds the
+    SHA-256 of the crop array, and another sample gives another fingerprint."""
+    import hashlib
+
+    import numpy as np
+
+    from slidecensus.models import preset_config, train_infogan
+    from slidecensus.models.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    cfg = preset_config("fast", k=2, iterations=1, refine_steps=1)
+    shas = []
+    for i, sample in enumerate((crops, crops[::-1].copy())):
+        train_infogan(sample, cfg, tmp_path / f"m{i}.pt", log_every=100,
+                      progress=lambda r: None)
+        shas.append(load_checkpoint(tmp_path / f"m{i}.pt")["summary"]["sample_sha256"])
+    assert shas[0] == hashlib.sha256(crops.tobytes()).hexdigest()
+    assert shas[1] != shas[0]
