@@ -345,6 +345,7 @@ COLOUR_RADII = (8.0, 14.0)
 #: Length of :class:`ColourHistogram`'s output.
 COLOUR_DIM = 2 * COLOUR_BINS ** 3
 _LUT_LEVELS = 64
+_FRAC_STEPS = 4096
 
 
 class ColourHistogram(nn.Module):
@@ -366,8 +367,13 @@ class ColourHistogram(nn.Module):
     """
 
     def __init__(self, size: int = CROP_SIZE, soft: bool = False,
-                 radii: tuple[float, float] = COLOUR_RADII) -> None:
+                 radii: tuple[float, float] = COLOUR_RADII, exact: bool | None = None
+                 ) -> None:
         super().__init__()
+        #: Soft votes summed exactly (float64 on a 2^-12 grid), so the order of the
+        #: additions cannot change a bit: None means on CUDA, whose scatter-add is atomic
+        #: and unordered (the CPU's adds each row in pixel order).
+        self.exact = exact
         r0, r1 = (float(v) for v in radii)
         if not 0 < r0 < r1:
             raise InvalidInputError(f"colour radii must satisfy 0 < inner < outer, got {radii}")
@@ -397,7 +403,9 @@ class ColourHistogram(nn.Module):
             if soft:  # the lower of the two bin centres around the colour, and the weight
                 pos = (pos - 0.5).clamp(0, COLOUR_BINS - 1)  # of the upper one
                 b = pos.floor().long().clamp(0, COLOUR_BINS - 2)
-                frac[ch] = (pos - b).float()
+                # weights on a grid of 2^-12: the products of three are then exact in
+                # float64, so a histogram summed in float64 is the same in any order
+                frac[ch] = (torch.round((pos - b) * _FRAC_STEPS) / _FRAC_STEPS).float()
             else:
                 b = pos.floor().long().clamp(0, COLOUR_BINS - 1)
             lut = lut * COLOUR_BINS + b
@@ -418,14 +426,17 @@ class ColourHistogram(nn.Module):
             if not self.soft:
                 hist.scatter_add_(1, idx, torch.ones(idx.shape, device=x.device))
             else:  # each pixel's vote shared between the 8 bins around its colour
-                fa, fb, fc = self.frac[0][rgb], self.frac[1][rgb], self.frac[2][rgb]
+                exact = x.is_cuda if self.exact is None else self.exact
+                frac = self.frac.double() if exact else self.frac
+                hist = hist.to(frac.dtype)
+                fa, fb, fc = frac[0][rgb], frac[1][rgb], frac[2][rgb]
                 ga, gb, gc = 1 - fa, 1 - fb, 1 - fc
                 for wa, da in ((ga, 0), (fa, n * n)):
                     for wb, db in ((gb, 0), (fb, n)):
                         wab = wa * wb
                         hist[:, da + db:].scatter_add_(1, idx, wab * gc)
                         hist[:, da + db + 1:].scatter_add_(1, idx, wab * fc)
-            return (hist[:, :COLOUR_DIM] / self.norm).sqrt()
+            return (hist[:, :COLOUR_DIM].float() / self.norm).sqrt()
 
 
 def q_input_dim(arch: str, width: int, colour: bool) -> int:

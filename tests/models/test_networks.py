@@ -278,3 +278,21 @@ def test_models_from_before_the_colour_settings_load_with_hard_bins(tmp_path):
     old = load_model(tmp_path / "old.pt")
     assert not old.colour.soft and old.config.colour_radii == (8.0, 14.0)
     assert not np.array_equal(predict(old, crops)[1], predict(new, crops)[1])
+
+
+def test_exact_soft_histograms_do_not_depend_on_the_order_of_the_pixels():
+    """The exact path (CUDA's, where scatter-adds land in any order) sums the soft votes
+    without rounding: pixels taken in another order (a rotation permutes them within each
+    zone) give the same bits, and the values agree with the CPU's float32 sums."""
+    from slidecensus.models.networks import ColourHistogram
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    exact = ColourHistogram(soft=True, radii=(6.0, 14.0), exact=True)
+    h = exact(x)
+    assert h.dtype == torch.float32
+    for k in (1, 2, 3):
+        assert torch.equal(exact(torch.rot90(x, k, dims=(2, 3))), h)
+    assert torch.equal(exact(torch.flip(x, dims=(2,))), h)
+    fast = ColourHistogram(soft=True, radii=(6.0, 14.0), exact=False)
+    assert torch.allclose(fast(x), h, atol=1e-6)
