@@ -253,9 +253,13 @@ def cmd_demo_crops(args: argparse.Namespace) -> dict:
     import pandas as pd
 
     from slidecensus.demo import DEMO_MPP, MATCH_UM, match_truth
-    from slidecensus.engine.plan import cohort_stain_target, slide_lab_stats
+    from slidecensus.engine.plan import (
+        cohort_stain_target,
+        fit_slide_normalizer,
+        slide_lab_stats,
+    )
     from slidecensus.nuclei.crops import crops_for
-    from slidecensus.nuclei.normalize import _rgb8, fit_normalizer
+    from slidecensus.nuclei.normalize import StainNorm, _rgb8
     from slidecensus.nuclei.segment import segment_image, stain_sample
     from slidecensus.tiling import open_slide
     from slidecensus.tiling.synth import synth_cohort
@@ -269,8 +273,9 @@ def cmd_demo_crops(args: argparse.Namespace) -> dict:
         with open_slide(path) as s:
             img = np.asarray(s.read_region(0, 0, 0, *s.levels[0].shape[1::-1]))[..., :3]
             crop_src = img
-            if target is not None:  # the census' crops under the cohort's style
-                norm = fit_normalizer("reinhard", stain_sample(s, with_mask=False)[0], target)
+            if target is not None:  # the census' crops under the cohort's style, fitted
+                norm, _ = fit_slide_normalizer(  # as the census fits each slide
+                    StainNorm("reinhard", target=target), s, stain_sample(s, with_mask=False)[0])
                 crop_src = _rgb8(norm(img))
         lab_img, table = segment_image(img, mpp=DEMO_MPP)
         truth = pd.read_parquet(Path(path).with_name(f"{sid}.cells.parquet"))

@@ -296,3 +296,18 @@ def test_exact_soft_histograms_do_not_depend_on_the_order_of_the_pixels():
     assert torch.equal(exact(torch.flip(x, dims=(2,))), h)
     fast = ColourHistogram(soft=True, radii=(6.0, 14.0), exact=False)
     assert torch.allclose(fast(x), h, atol=1e-6)
+
+
+def test_training_reads_the_colour_histograms_its_config_asks_for():
+    """Q's head is trained on the histograms the census will compute: the trainer's
+    colour branch follows ``colour_soft`` and ``colour_radii`` like the loaded model's."""
+    from slidecensus.models import preset_config
+    from slidecensus.models.train import InfoGANTrainer
+
+    for soft, radii in ((True, (6.0, 14.0)), (False, (8.0, 14.0))):
+        cfg = preset_config("fast", k=3, colour_soft=soft, colour_radii=radii)
+        tr = InfoGANTrainer(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+        assert tr.colour.soft == soft
+        assert tr.colour.norm[0] == float(((torch.arange(32) - 15.5)[:, None] ** 2
+                                           + (torch.arange(32) - 15.5)[None] ** 2
+                                           < radii[0] ** 2).sum())

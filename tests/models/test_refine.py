@@ -218,3 +218,24 @@ def test_more_restarts_never_end_at_a_worse_optimum():
     assert preset_config("fast").refine_restarts == 128
     with pytest.raises(InvalidInputError):
         preset_config("fast", refine_restarts=0)
+
+
+def test_refine_q_head_runs_the_restarts_it_is_given():
+    """The refinement's labels are k-means with ``restarts`` restarts in its clustering
+    space, from the generator it is given (fails if ``refine_q_head`` drops ``restarts``)."""
+    from slidecensus.models.networks import QHead
+    from slidecensus.models.refine import refine_q_head
+
+    x, _ = _types_behind_a_nuisance()
+    level = (128 + 12 * x[:, :3]).round().clamp(0, 255).to(torch.uint8)
+    crops = level[:, :, None, None].expand(len(x), 3, 32, 32).contiguous()
+    space = cluster_space([_ChannelMeans()(crops.float())], 3)
+    got, want = {}, {}
+    for restarts in (1, 64):
+        got[restarts] = refine_q_head(_ChannelMeans(), QHead(3, 6), crops, 6,
+                                      torch.Generator().manual_seed(5), steps=0, pca=3,
+                                      restarts=restarts)
+        want[restarts] = kmeans(space, 6, torch.Generator().manual_seed(5),
+                                n_init=restarts)[0]
+        assert torch.equal(got[restarts], want[restarts])
+    assert not torch.equal(got[1], got[64])  # the case tells the two apart
