@@ -247,6 +247,7 @@ def _cmd_segmenter_train(args: argparse.Namespace) -> int:
 
     training = SegmenterTraining(n_patches=args.patches, iterations=args.iterations,
                                  importance=args.importance, hard=not args.no_hard,
+                                 background=args.background, adapt_bn=not args.no_adapt_bn,
                                  seed=args.seed)
     path = train_segmenter(args.images, args.out, training,
                            command=shlex.join(["slidecensus", *sys.argv[1:]]))
@@ -458,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--no-importance", dest="importance", action="store_false",
                      help="no importance weights (the default)")
     t.add_argument("--no-hard", action="store_true", help="no hard examples")
+    t.add_argument("--background", choices=["shaped", "liberal"], default="shaped",
+                   help="what is cut out of the synthetic background as possibly nuclear: "
+                        "nucleus-shaped or hematoxylin-dominated dark parts (shaped, default) "
+                        "or every dark pixel (liberal, as before)")
+    t.add_argument("--no-adapt-bn", action="store_true",
+                   help="keep the batch-norm statistics of the synthetic patches (no AdaBN)")
     t.set_defaults(func=_cmd_segmenter_train)
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells, "

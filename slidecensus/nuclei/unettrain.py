@@ -1,14 +1,17 @@
 """``slidecensus segmenter train``: a U-Net from unlabelled images alone.
 
 1. Each image is read, Reinhard-normalised with its own stain model and resampled to the
-   model's µm/px; the threshold segmenter finds its clearest nuclei (their textures) and a
-   liberal hematoxylin threshold marks everything that could be nucleus (removed from the
-   background) (:func:`bank_from_image`).
+   model's µm/px; the threshold segmenter finds its clearest nuclei (their textures), and
+   whatever else could be a nucleus is cut out of the background (:func:`background_holes`:
+   by default nucleus-shaped or hematoxylin-dominated parts of a liberal threshold, so dark
+   stroma and membranes stay in the background as the negatives they are)
+   (:func:`bank_from_image`).
 2. Synthetic patches with exact labels are drawn from those textures (:mod:`.synthpatch`).
 3. Optionally (``--importance``; off by default, as measured) each patch is weighted by
    how real it looks (:mod:`.importance`), against random real patches of the same images.
-4. The U-Net is trained on them (:func:`~.unet.train_unet`) and written with its
-   configuration and a record of how it was made (:func:`~.unet.save_unet`).
+4. The U-Net is trained on them (:func:`~.unet.train_unet`), its batch-norm statistics are
+   re-estimated on the real images (:func:`~.unet.adapt_batch_norm`, AdaBN), and it is
+   written with its configuration and a record of how it was made (:func:`~.unet.save_unet`).
 
 No annotation is read at any step.
 """
@@ -22,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from ..errors import InvalidInputError
 from .synthpatch import SynthRanges, TextureBank, synth_patches, texture_bank
-from .unet import UNetConfig, save_unet, train_unet
+from .unet import UNetConfig, adapt_batch_norm, save_unet, train_unet
 
-__all__ = ["SegmenterTraining", "bank_from_image", "real_patches", "to_model_resolution",
-           "train_segmenter"]
+__all__ = ["BACKGROUND_RULES", "SegmenterTraining", "background_holes", "bank_from_image",
+           "real_patches", "to_model_resolution", "train_segmenter"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,19 @@ log = logging.getLogger(__name__)
 LIBERAL_THRESHOLD = 175.0
 #: The largest region read from one slide for training (level-0 px a side).
 MAX_READ_PX = 3000
+#: Real patches of the training images whose statistics the batch norms take (AdaBN).
+ADAPT_PATCHES = 960
+#: How :func:`background_holes` decides what could be a nucleus (``SegmenterTraining.background``).
+BACKGROUND_RULES = ("shaped", "liberal")
+#: ``shaped``: liberal-threshold parts kept as possible nuclei when nucleus-shaped (after an
+#: opening of this radius, µm) ...
+SHAPE_OPENING_UM = 1.0
+#: ... at most this large (µm²) ...
+SHAPE_MAX_AREA_UM2 = 150.0
+#: ... this solid and at most this eccentric,
+SHAPE_MIN_SOLIDITY, SHAPE_MAX_ECCENTRICITY = 0.8, 0.95
+#: or, whatever their shape, where hematoxylin OD exceeds eosin OD by this much.
+HEMATOXYLIN_MARGIN_OD = 0.4
 
 
 @dataclass(frozen=True)
@@ -53,8 +70,18 @@ class SegmenterTraining:
     importance: bool = False
     importance_iterations: int = 300
     importance_clip: float = 10.0
+    # what is cut out of the background: "shaped" (the default since it measured +0.017 AJI
+    # on unseen MoNuSeg images over 3 seeds) or "liberal" (everything dark, as before)
+    background: str = "shaped"
+    # AdaBN: batch-norm statistics re-estimated on real patches of the training images
+    adapt_bn: bool = True
     seed: int = 0
     max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.background not in BACKGROUND_RULES:
+            raise InvalidInputError(f"background must be one of {', '.join(BACKGROUND_RULES)},"
+                                    f" got {self.background!r}")
 
 
 def to_model_resolution(rgb: np.ndarray, mpp: float, model_mpp: float) -> np.ndarray:
@@ -73,9 +100,53 @@ def to_model_resolution(rgb: np.ndarray, mpp: float, model_mpp: float) -> np.nda
                     mode="nearest")
 
 
-def bank_from_image(rgb: np.ndarray, mpp: float, model_mpp: float = 0.5, seed: int = 0
-                    ) -> tuple[TextureBank, np.ndarray]:
+def background_holes(hematoxylin_od: np.ndarray, eosin_od: np.ndarray, mpp: float,
+                     rule: str = "shaped") -> np.ndarray:
+    """Pixels that could belong to a nucleus, to be cut out of the synthetic background.
+
+    ``liberal``: every pixel darker in hematoxylin than :data:`LIBERAL_THRESHOLD`. That also
+    cuts out dark stroma, membranes and cytoplasm, so the network never sees them as
+    background and takes them for nuclei on real tissue. ``shaped`` keeps of that mask only
+    the parts shaped like a nucleus (compact blobs after a small opening) and the pixels
+    clearly dominated by hematoxylin; elongated, eosin-dominated structures stay in the
+    background as real negatives.
+
+    Parameters
+    ----------
+    hematoxylin_od, eosin_od : ndarray, shape (h, w)
+        Stain concentrations (optical density) at ``mpp`` µm/px.
+    mpp : float
+    rule : ``shaped`` or ``liberal``
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    from skimage.measure import regionprops
+    from skimage.morphology import disk
+
+    if rule not in BACKGROUND_RULES:
+        raise InvalidInputError(f"unknown background rule {rule!r}")
+    h = np.asarray(hematoxylin_od, np.float32)
+    e = np.asarray(eosin_od, np.float32)
+    liberal = h > float(np.log(256.0 / (LIBERAL_THRESHOLD + 1.0)))
+    if rule == "liberal":
+        return liberal
+    opened = ndi.binary_opening(liberal, disk(max(1, round(SHAPE_OPENING_UM / mpp))))
+    lab, n = ndi.label(opened)
+    keep = np.zeros(n + 1, bool)
+    for r in regionprops(lab):
+        keep[r.label] = (r.area * mpp * mpp <= SHAPE_MAX_AREA_UM2
+                         and r.solidity >= SHAPE_MIN_SOLIDITY
+                         and r.eccentricity <= SHAPE_MAX_ECCENTRICITY)
+    return keep[lab] | (liberal & (h - e > HEMATOXYLIN_MARGIN_OD))
+
+
+def bank_from_image(rgb: np.ndarray, mpp: float, model_mpp: float = 0.5, seed: int = 0,
+                    background: str = "shaped") -> tuple[TextureBank, np.ndarray]:
     """The texture bank of one image and the image itself, normalised at the model's µm/px.
+
+    ``background`` is the :func:`background_holes` rule.
 
     Returns
     -------
@@ -89,10 +160,10 @@ def bank_from_image(rgb: np.ndarray, mpp: float, model_mpp: float = 0.5, seed: i
     sm = estimate_stain_model(rgb)
     labels, _ = segment_image(rgb, mpp=mpp, stain_model=sm)
     small = to_model_resolution(rgb, mpp, model_mpp)
-    h, _e = stain_concentrations(np.clip(small, 0, 255), sm)
+    h, e = stain_concentrations(np.clip(small, 0, 255), sm)
     norm = sm.normalize(np.clip(small, 0, 255))
     lab = _nearest(labels, small.shape[:2])
-    maybe = h > float(np.log(256.0 / (LIBERAL_THRESHOLD + 1.0)))
+    maybe = background_holes(h, e, model_mpp, background)
     min_px = max(4, round(SegmentParams().min_area_um2 / model_mpp**2))
     return texture_bank(norm, lab, maybe, min_area_px=min_px, seed=seed), norm
 
@@ -177,7 +248,8 @@ def train_segmenter(
     banks, normed, names = [], [], []
     for i, p in enumerate(paths):
         rgb, mpp = _read_image(p)
-        bank, norm = bank_from_image(rgb, mpp, config.mpp, seed=training.seed + i)
+        bank, norm = bank_from_image(rgb, mpp, config.mpp, seed=training.seed + i,
+                                     background=training.background)
         if min(norm.shape[:2]) < training.patch_px:
             raise InvalidInputError(f"{p}: {norm.shape[1]} x {norm.shape[0]} px at "
                                     f"{config.mpp} µm/px is smaller than a training patch "
@@ -213,6 +285,11 @@ def train_segmenter(
     net, tlog = train_unet(x, y, weights, config, iterations=training.iterations,
                            batch=training.batch, seed=training.seed,
                            max_seconds=training.max_seconds, progress=show)
+    t_adapt = time.perf_counter()
+    if training.adapt_bn:
+        real = real_patches(normed, ADAPT_PATCHES, training.patch_px, seed=training.seed + 1)
+        adapt_batch_norm(net, real)
+    t_adapt = time.perf_counter() - t_adapt
     record = {
         "command": command,
         "images": names,
@@ -222,7 +299,8 @@ def train_segmenter(
         "iterations_done": tlog.iterations,
         "losses": tlog.losses,
         "seconds": {"textures": t_bank, "synthesis": t_synth, "importance": t_weights,
-                    "train": tlog.seconds, "total": time.perf_counter() - t0},
+                    "train": tlog.seconds, "adapt_bn": t_adapt,
+                    "total": time.perf_counter() - t0},
         "importance_weights": wstats,
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),

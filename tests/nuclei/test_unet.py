@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from slidecensus.errors import InvalidInputError
 from slidecensus.nuclei.segment import Segmenter, segment_image
 from slidecensus.nuclei.unet import (
     default_model_path,
@@ -166,3 +167,91 @@ def test_unet_runs_where_asked_and_on_the_cpu_without_a_gpu():
     fg, dist = seg.maps(rgb, seg.config.mpp)
     assert fg.shape == dist.shape == (40, 44)
     assert np.isfinite(fg).all() and (0 <= fg).all() and (fg <= 1).all()
+
+
+def test_background_rule_keeps_stroma_and_cuts_out_nuclei():
+    """``shaped`` cuts a round, hematoxylin-dark blob out of the synthetic background but
+    keeps a long eosin-dominated band (stroma) as background; ``liberal`` cuts out both."""
+    from slidecensus.nuclei.unettrain import background_holes
+
+    h = np.zeros((120, 120), np.float32)
+    e = np.zeros_like(h)
+    yy, xx = np.mgrid[:120, :120]
+    blob = (yy - 30) ** 2 + (xx - 30) ** 2 < 7 ** 2
+    h[blob], e[blob] = 0.9, 0.6  # a nucleus: dark, hematoxylin a little ahead of eosin
+    band = (np.abs(yy - 90) < 5) & (xx > 10) & (xx < 110)
+    h[band], e[band] = 0.6, 1.2  # stroma: dark enough for the liberal threshold, eosin ahead
+    shaped = background_holes(h, e, 0.5, "shaped")
+    liberal = background_holes(h, e, 0.5, "liberal")
+    assert liberal[blob].all() and liberal[band].all()
+    assert shaped[blob].mean() > 0.9
+    assert not shaped[band].any()
+    # a long structure clearly dominated by hematoxylin is cut out whatever its shape
+    h[band], e[band] = 1.2, 0.3
+    assert background_holes(h, e, 0.5, "shaped")[band].all()
+    with pytest.raises(InvalidInputError):
+        background_holes(h, e, 0.5, "everything")
+
+
+def test_adapt_batch_norm_takes_the_real_patches_statistics():
+    """AdaBN: each batch norm's running mean and variance become those of its input over
+    the given patches (here checked for the first one, computed independently); no weight
+    changes, and the network is left in eval mode."""
+    from slidecensus.nuclei.unet import UNetConfig, _build, adapt_batch_norm
+
+    torch.manual_seed(0)
+    net = _build(UNetConfig(widths=(4, 8)))
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k
+              and "num_batches" not in k}
+    rng = np.random.default_rng(0)
+    patches = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    adapt_batch_norm(net, patches, batch=4)
+    assert not net.training
+    conv, bn = net.down[0][0], net.down[0][1]
+    x = torch.from_numpy((patches.astype(np.float32) - 160.0) / 60.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        y = conv(x)
+    mean = y.mean(dim=(0, 2, 3))
+    # the cumulative average of per-batch (unbiased) variances, as batch norm keeps it
+    var = torch.stack([y[i:i + 4].var(dim=(0, 2, 3), unbiased=True)
+                       for i in range(0, 12, 4)]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, var, rtol=1e-4)
+    assert bn.momentum == 0.1
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_old_model_files_keep_no_iod_filter():
+    """A model saved before ``min_iod_um2`` existed loads without the filter; new ones
+    carry theirs."""
+    from slidecensus.nuclei.unet import UNetConfig
+
+    d = UNetConfig().to_dict()
+    assert UNetConfig.from_dict(d).min_iod_um2 == UNetConfig().min_iod_um2 > 0
+    del d["min_iod_um2"]
+    assert UNetConfig.from_dict(d).min_iod_um2 == 0.0
+
+
+def test_model_iod_filter_drops_pale_small_objects(tmp_path):
+    """The model's ``min_iod_um2`` drops exactly the objects whose integrated hematoxylin
+    (area x mean OD) is below it, and nothing else."""
+    from dataclasses import replace
+
+    from slidecensus.nuclei.unet import UNetConfig, _build, save_unet
+
+    raw = torch.load(default_model_path(), map_location="cpu", weights_only=True)
+    net = _build(UNetConfig.from_dict(raw["config"]))
+    net.load_state_dict(raw["weights"])
+    paths = {}
+    for iod in (0.0, 14.0):
+        cfg = replace(UNetConfig.from_dict(raw["config"]), min_iod_um2=iod)
+        paths[iod] = save_unet(net, cfg, tmp_path / f"m{iod:g}.pt", raw["record"])
+    rgb = _marrow_image()[:600, :600]
+    _, all_ = segment_image(rgb, mpp=0.25, segmenter=Segmenter.resolve("unet", paths[0.0]))
+    _, kept = segment_image(rgb, mpp=0.25, segmenter=Segmenter.resolve("unet", paths[14.0]))
+    iod = all_["area_um2"] * all_["mean_hematoxylin"]
+    assert (iod < 14).sum() >= 5  # the filter has something to drop here
+    expect = all_[iod >= 14][["x_px", "y_px"]].to_numpy()
+    got = kept[["x_px", "y_px"]].to_numpy()
+    assert got.shape == expect.shape and np.allclose(got, expect)
