@@ -255,3 +255,24 @@ def test_model_iod_filter_drops_pale_small_objects(tmp_path):
     expect = all_[iod >= 14][["x_px", "y_px"]].to_numpy()
     got = kept[["x_px", "y_px"]].to_numpy()
     assert got.shape == expect.shape and np.allclose(got, expect)
+
+
+def test_maps_in_pieces_equal_one_pass():
+    """Run in pieces (each read with the receptive radius around it, for the CPU's cache),
+    the network gives the maps of one pass over the whole image; a piece overlap short of
+    the receptive field does not."""
+    from slidecensus.nuclei.unet import predict_maps
+
+    seg = load_unet()
+    rgb = _marrow_image()[:330, :290].astype(np.float32)
+    div = seg.config.divisor
+    r = int(np.ceil(seg.receptive_radius_um / seg.config.mpp))
+    overlap = -(-r // div) * div
+    whole = predict_maps(seg.net, rgb, div)
+    pieces = predict_maps(seg.net, rgb, div, piece_px=64, overlap_px=overlap)
+    short = predict_maps(seg.net, rgb, div, piece_px=64, overlap_px=div)
+    for a, b, c in zip(whole, pieces, short, strict=True):
+        assert a.shape == b.shape == rgb.shape[:2]
+        np.testing.assert_allclose(b, a, atol=1e-5)
+        assert np.abs(c - a).max() > 1e-3
+    assert seg._pieces()["overlap_px"] >= r
