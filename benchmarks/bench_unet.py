@@ -18,8 +18,10 @@ Run (one core for the speed figures; torch is held to one thread):
 
 ``ablation``: U-Nets trained from the same 19 unlabelled images (as the shipped model)
 with a shorter budget, one training change at a time: synthesis only, + importance
-weights, + hard examples, hard examples without importance weights. Each is scored on
-the unseen MoNuSeg and marrow images. Figures: docs/benchmarks.md.
+weights, + hard examples, hard examples without importance weights, + dark stroma kept
+in the background, + AdaBN. Each is scored on the unseen MoNuSeg and marrow images, with
+the model's integrated-hematoxylin filter and without it (``--only`` picks variants by a
+part of their name). Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -141,32 +143,55 @@ def cmd_score(args: argparse.Namespace) -> dict:
 
 
 ABLATION = {
-    "synthesis only": {"hard": False, "importance": False},
-    "+ importance weights": {"hard": False, "importance": True},
-    "+ importance weights + hard examples": {"hard": True, "importance": True},
-    "hard examples, no importance weights (the shipped recipe)": {"hard": True,
-                                                                  "importance": False},
+    "synthesis only": {"hard": False, "importance": False, "background": "liberal",
+                       "adapt_bn": False},
+    "+ importance weights": {"hard": False, "importance": True, "background": "liberal",
+                             "adapt_bn": False},
+    "+ importance weights + hard examples": {"hard": True, "importance": True,
+                                             "background": "liberal", "adapt_bn": False},
+    "hard examples, no importance weights (the recipe before 2026-12-06)": {
+        "hard": True, "importance": False, "background": "liberal", "adapt_bn": False},
+    "+ dark stroma kept in the background (shaped)": {
+        "hard": True, "importance": False, "background": "shaped", "adapt_bn": False},
+    "+ AdaBN (the shipped recipe)": {"hard": True, "importance": False,
+                                     "background": "shaped", "adapt_bn": True},
 }
 
 
+def without_iod_filter(path: Path, out: Path) -> Path:
+    """A copy of a U-Net file whose own integrated-hematoxylin filter is off."""
+    import torch
+
+    from slidecensus.nuclei.unet import UNetConfig, _build, save_unet
+
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    net = _build(UNetConfig.from_dict(raw["config"]))
+    net.load_state_dict(raw["weights"])
+    cfg = UNetConfig.from_dict({**raw["config"], "min_iod_um2": 0.0})
+    return save_unet(net, cfg, out, raw["record"])
+
+
 def cmd_ablation(args: argparse.Namespace) -> dict:
+    """Each variant scored with the model's filter (``min_iod_um2`` 14) and without it."""
     from slidecensus.nuclei.unettrain import SegmenterTraining, train_segmenter
 
     _threads()
     images = [str(p) for p in MONUSEG[::2]]
     images += [str(p) for p in MARROW if p.stem.startswith(TUNE_PREFIXES)]
     tmp = Path(tempfile.mkdtemp())
-    res = {"iterations": args.iterations, "patches": args.patches,
+    res = {"iterations": args.iterations, "patches": args.patches, "seed": args.seed,
            "threads": int(os.environ["OMP_NUM_THREADS"]), "variants": {}}
     for i, (name, kw) in enumerate(ABLATION.items()):
-        if args.only and name not in args.only:
+        if args.only and not any(o in name for o in args.only):
             continue
         out = tmp / f"unet{i}.pt"
         t0 = time.perf_counter()
         train_segmenter(images, out, SegmenterTraining(
             n_patches=args.patches, iterations=args.iterations, seed=args.seed, **kw))
         row = {"train_s": time.perf_counter() - t0, **kw}
-        row.update(quality(Segmenter.resolve("unet", out), only_unseen=True))
+        row["with_iod_filter"] = quality(Segmenter.resolve("unet", out), only_unseen=True)
+        bare = without_iod_filter(out, tmp / f"unet{i}-noiod.pt")
+        row["without_iod_filter"] = quality(Segmenter.resolve("unet", bare), only_unseen=True)
         res["variants"][name] = row
         print(name, row, flush=True)
     return res
@@ -181,7 +206,8 @@ def main() -> None:
     s.add_argument("--iterations", type=int, default=300)
     s.add_argument("--patches", type=int, default=600)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--only", nargs="*", default=None)
+    s.add_argument("--only", nargs="*", default=None,
+                   help="variants whose name contains one of these")
     args = ap.parse_args()
     res = {"score": cmd_score, "ablation": cmd_ablation}[args.cmd](args)
     write_results(f"unet_{args.cmd}", res)
