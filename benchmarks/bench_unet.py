@@ -4,6 +4,7 @@ Run (one core for the speed figures; torch is held to one thread):
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_unet score [--model UNET.pt]
     python -m benchmarks.bench_unet ablation [--iterations 300] [--patches 600]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_unet smears
 
 ``score``: for each segmenter, in one run,
 
@@ -15,6 +16,9 @@ Run (one core for the speed figures; torch is held to one thread):
 - speed: ``segment_file`` (the work of ``slidecensus segment``: read, stain model,
   segmentation, Parquet) on the 8 marrow PNGs and the CMU-1 Aperio slide, best of 2, in
   megapixels per second on one core, and the unet / threshold ratio.
+
+``smears``: both segmenters on the labelled blood cells (MGG smears): nuclei per image and
+the share of centre cells found, by type (lobed nuclei cut into pieces show there).
 
 ``ablation``: U-Nets trained from the same 19 unlabelled images (as the shipped model)
 with a shorter budget, one training change at a time: synthesis only, + importance
@@ -197,6 +201,38 @@ def cmd_ablation(args: argparse.Namespace) -> dict:
     return res
 
 
+def cmd_smears(args: argparse.Namespace) -> dict:
+    """Both segmenters on the labelled blood cells (one cell centred in each image, MGG):
+    nuclei found per image and the share of images whose centre cell is found (a centroid
+    within 4 µm of the centre), by cell type. A lobed nucleus (neutrophil, eosinophil,
+    monocyte) cut into pieces shows as more than one nucleus per image."""
+    import pandas as pd
+
+    from benchmarks.bench_cellmodel import BLOOD, BLOOD_MPP
+
+    _threads()
+    labels = pd.read_csv(BLOOD / "labels.csv")
+    res: dict = {"images": len(labels), "mpp": BLOOD_MPP}
+    for kind in ("threshold", "unet"):
+        seg = Segmenter.resolve(kind)
+        rows = []
+        for path, cell_type in zip(labels["path"], labels["cell_type"], strict=True):
+            im = iio.imread(BLOOD / path)[..., :3]
+            _, t = segment_image(im, mpp=BLOOD_MPP, segmenter=seg)
+            cy, cx = im.shape[0] / 2, im.shape[1] / 2
+            d = np.hypot(t["x_px"] - cx, t["y_px"] - cy).min() if len(t) else np.inf
+            rows.append((cell_type, len(t), bool(d * BLOOD_MPP <= 4.0)))
+        df = pd.DataFrame(rows, columns=["type", "nuclei", "centre_found"])
+        by = df.groupby("type").agg(nuclei=("nuclei", "mean"),
+                                    centre_found=("centre_found", "mean"))
+        res[kind] = {"by_type": by.round(3).to_dict(orient="index"),
+                     "nuclei_per_image": float(df["nuclei"].mean()),
+                     "centre_found": float(df["centre_found"].mean())}
+        print(kind, res[kind]["nuclei_per_image"], res[kind]["centre_found"])
+        print(by.round(2).T.to_string(), flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -208,8 +244,9 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--only", nargs="*", default=None,
                    help="variants whose name contains one of these")
+    sub.add_parser("smears")
     args = ap.parse_args()
-    res = {"score": cmd_score, "ablation": cmd_ablation}[args.cmd](args)
+    res = {"score": cmd_score, "ablation": cmd_ablation, "smears": cmd_smears}[args.cmd](args)
     write_results(f"unet_{args.cmd}", res)
 
 
