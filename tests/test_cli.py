@@ -155,7 +155,8 @@ def test_the_module_forms_of_the_command_run(module):
 
 def test_segmenter_train_then_segment_with_it(marrow_pngs, tmp_path, capsys):
     """`segmenter train` makes a U-Net file from an unlabelled image (weights-only loadable,
-    its settings recorded, importance weights off by default); `segment --segmenter unet
+    its settings recorded, importance weights off and the stroma background and AdaBN on
+    by default, each switchable); `segment --segmenter unet
     --segmenter-model` then writes the threshold segmenter's columns; a foreign file is
     refused in one line before any work."""
     from slidecensus.nuclei.unet import load_unet
@@ -166,6 +167,15 @@ def test_segmenter_train_then_segment_with_it(marrow_pngs, tmp_path, capsys):
     seg = load_unet(model)
     rec = seg.record
     assert rec["training"]["importance"] is False and rec["training"]["iterations"] == 3
+    assert rec["training"]["background"] == "shaped" and rec["training"]["adapt_bn"] is True
+    assert rec["seconds"]["adapt_bn"] > 0
+    old_recipe = tmp_path / "unet-liberal.pt"
+    assert main(["segmenter", "train", str(marrow_pngs[0]), "--out", str(old_recipe),
+                 "--patches", "16", "--iterations", "3", "--background", "liberal",
+                 "--no-adapt-bn"]) == 0
+    rec_old = load_unet(old_recipe).record
+    assert rec_old["training"]["background"] == "liberal"
+    assert rec_old["training"]["adapt_bn"] is False and rec_old["seconds"]["adapt_bn"] == 0
     out_u, out_t = tmp_path / "u.parquet", tmp_path / "t.parquet"
     assert main(["segment", str(marrow_pngs[0]), "--mpp", "0.25", "--out", str(out_u),
                  "--segmenter", "unet", "--segmenter-model", str(model)]) == 0

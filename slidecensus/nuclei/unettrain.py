@@ -285,11 +285,12 @@ def train_segmenter(
     net, tlog = train_unet(x, y, weights, config, iterations=training.iterations,
                            batch=training.batch, seed=training.seed,
                            max_seconds=training.max_seconds, progress=show)
-    t_adapt = time.perf_counter()
+    t_adapt = 0.0
     if training.adapt_bn:
+        t1 = time.perf_counter()
         real = real_patches(normed, ADAPT_PATCHES, training.patch_px, seed=training.seed + 1)
         adapt_batch_norm(net, real)
-    t_adapt = time.perf_counter() - t_adapt
+        t_adapt = time.perf_counter() - t1
     record = {
         "command": command,
         "images": names,
