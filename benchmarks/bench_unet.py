@@ -171,12 +171,12 @@ def without_iod_filter(path: Path, out: Path) -> Path:
     raw = torch.load(path, map_location="cpu", weights_only=True)
     net = _build(UNetConfig.from_dict(raw["config"]))
     net.load_state_dict(raw["weights"])
-    cfg = UNetConfig.from_dict({**raw["config"], "min_iod_um2": 0.0})
+    cfg = UNetConfig.from_dict({**raw["config"], "min_relative_iod_um2": 0.0})
     return save_unet(net, cfg, out, raw["record"])
 
 
 def cmd_ablation(args: argparse.Namespace) -> dict:
-    """Each variant scored with the model's filter (``min_iod_um2`` 14) and without it."""
+    """Each variant scored with the model's filter (``min_relative_iod_um2``) and without."""
     from slidecensus.nuclei.unettrain import SegmenterTraining, train_segmenter
 
     _threads()

@@ -251,10 +251,11 @@ def _cmd_segmenter_train(args: argparse.Namespace) -> int:
                                  background=args.background, adapt_bn=not args.no_adapt_bn,
                                  seed=args.seed)
     config = UNetConfig()
-    if args.min_iod is not None:
-        if not args.min_iod >= 0:
-            raise InvalidInputError(f"--min-iod must be >= 0, got {args.min_iod}")
-        config = UNetConfig(min_iod_um2=args.min_iod)
+    if args.min_relative_iod is not None:
+        if not args.min_relative_iod >= 0:
+            raise InvalidInputError(f"--min-relative-iod must be >= 0, got "
+                                    f"{args.min_relative_iod}")
+        config = UNetConfig(min_relative_iod_um2=args.min_relative_iod)
     path = train_segmenter(args.images, args.out, training, config=config,
                            command=shlex.join(["slidecensus", *sys.argv[1:]]))
     print(f"U-Net segmenter written: {path}")
@@ -471,11 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or every dark pixel (liberal, as before)")
     t.add_argument("--no-adapt-bn", action="store_true",
                    help="keep the batch-norm statistics of the synthetic patches (no AdaBN)")
-    t.add_argument("--min-iod", type=float, default=None, metavar="UM2",
-                   help="the model drops nuclei with less integrated hematoxylin (µm²·OD) "
-                        "than this (default 14: marrow F1 level with the threshold "
-                        "segmenter; 0 keeps the small pale nuclei that other organs' "
-                        "annotators mark, about +0.03 AJI on MoNuSeg)")
+    t.add_argument("--min-relative-iod", type=float, default=None, metavar="UM2",
+                   help="the model drops nuclei holding less hematoxylin than this area "
+                        "(µm²) at the slide's nuclear split OD (default 18: marrow F1 level "
+                        "with the threshold segmenter; 0 keeps the small pale nuclei that "
+                        "other organs' annotators mark)")
     t.set_defaults(func=_cmd_segmenter_train)
 
     s = sub.add_parser("train", help="train the InfoGAN on a sample of the cohort's cells, "

@@ -172,8 +172,9 @@ def test_segmenter_train_then_segment_with_it(marrow_pngs, tmp_path, capsys):
     old_recipe = tmp_path / "unet-liberal.pt"
     assert main(["segmenter", "train", str(marrow_pngs[0]), "--out", str(old_recipe),
                  "--patches", "16", "--iterations", "3", "--background", "liberal",
-                 "--no-adapt-bn", "--min-iod", "0"]) == 0
-    assert seg.config.min_iod_um2 == 14.0 and load_unet(old_recipe).config.min_iod_um2 == 0
+                 "--no-adapt-bn", "--min-relative-iod", "0"]) == 0
+    assert seg.config.min_relative_iod_um2 == 18.0
+    assert load_unet(old_recipe).config.min_relative_iod_um2 == 0
     rec_old = load_unet(old_recipe).record
     assert rec_old["training"]["background"] == "liberal"
     assert rec_old["training"]["adapt_bn"] is False and rec_old["seconds"]["adapt_bn"] == 0

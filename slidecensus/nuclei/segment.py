@@ -657,8 +657,11 @@ def _segment(rgb, stain_model, params, mpp, core, want_labels=False, segmenter=N
         labels = net.label(stain_model.normalize(small), pp.mpp, pp.min_area_px,
                            pp.max_area_px)
     table = measure_cells(labels, h, e, pp.mpp / pp.bin, core, scale=pp.bin)
-    if net is not None and net.config.min_iod_um2 > pp.min_iod_um2:
-        pp = replace(pp, min_iod_um2=float(net.config.min_iod_um2))  # the model's own filter
+    if net is not None and net.config.min_relative_iod_um2 > 0:
+        # the model's own filter, in µm² at the slide's nuclear split OD
+        floor = net.config.min_relative_iod_um2 * stain_model.nuclear_split_od
+        if floor > pp.min_iod_um2:
+            pp = replace(pp, min_iod_um2=float(floor))
     drop = _object_rejects(table, pp, rgb.shape[:2], stain_model.nuclear_split_od)
     if drop.any():
         gone = np.zeros(int(labels.max()) + 1, bool)

@@ -85,12 +85,14 @@ class UNetConfig:
         Markers of the watershed where the normalised distance exceeds this.
     min_marker_px : int
         Smaller markers are dropped (noise in the distance map).
-    min_iod_um2 : float
-        The model's own object filter: nuclei whose integrated hematoxylin OD (area x mean
-        OD, µm²·OD) is below this are dropped, on top of ``SegmentParams.min_iod_um2``. A
-        U-Net finds more small pale objects than the threshold segmenter; 14 is the smallest
-        value whose bone-marrow F1 on the tuning images is not below the threshold
-        segmenter's (docs/benchmarks.md). Files saved without it load with 0 (off).
+    min_relative_iod_um2 : float
+        The model's own object filter: a nucleus must hold at least as much hematoxylin
+        as this area (µm²) would at the slide's nuclear split OD (the stain model's Otsu
+        split between nuclei and the rest); that is, area x mean OD >= this x split OD.
+        Relative to the slide's own stain, like ``SegmentParams.min_relative_hematoxylin``,
+        so paler labs are not cut harder. A U-Net finds more small pale objects than the
+        threshold segmenter; 18 gave the best bone-marrow F1 on the tuning images
+        (docs/benchmarks.md). Files saved without it load with 0 (off).
     """
 
     widths: tuple[int, ...] = (16, 32, 64)
@@ -98,7 +100,7 @@ class UNetConfig:
     fg_threshold: float = 0.5
     marker_threshold: float = 0.5
     min_marker_px: int = 3
-    min_iod_um2: float = 14.0
+    min_relative_iod_um2: float = 18.0
 
     @property
     def divisor(self) -> int:
@@ -116,7 +118,7 @@ class UNetConfig:
         """The config from :meth:`to_dict`'s dict (unknown keys ignored)."""
         names = set(cls.__dataclass_fields__)
         kw = {k: v for k, v in d.items() if k in names}
-        kw.setdefault("min_iod_um2", 0.0)  # files from before the field: as they were made
+        kw.setdefault("min_relative_iod_um2", 0.0)  # older files: as they were made
         if "widths" in kw:
             kw["widths"] = tuple(int(w) for w in kw["widths"])
         return cls(**kw)

@@ -223,36 +223,44 @@ def test_adapt_batch_norm_takes_the_real_patches_statistics():
 
 
 def test_old_model_files_keep_no_iod_filter():
-    """A model saved before ``min_iod_um2`` existed loads without the filter; new ones
-    carry theirs."""
+    """A model saved before ``min_relative_iod_um2`` existed loads without the filter; new
+    ones carry theirs."""
     from slidecensus.nuclei.unet import UNetConfig
 
     d = UNetConfig().to_dict()
-    assert UNetConfig.from_dict(d).min_iod_um2 == UNetConfig().min_iod_um2 > 0
-    del d["min_iod_um2"]
-    assert UNetConfig.from_dict(d).min_iod_um2 == 0.0
+    assert UNetConfig.from_dict(d).min_relative_iod_um2 == UNetConfig().min_relative_iod_um2
+    assert UNetConfig().min_relative_iod_um2 > 0
+    del d["min_relative_iod_um2"]
+    assert UNetConfig.from_dict(d).min_relative_iod_um2 == 0.0
 
 
 def test_model_iod_filter_drops_pale_small_objects(tmp_path):
-    """The model's ``min_iod_um2`` drops exactly the objects whose integrated hematoxylin
-    (area x mean OD) is below it, and nothing else."""
+    """The model's ``min_relative_iod_um2`` drops exactly the objects whose integrated
+    hematoxylin (area x mean OD) is below it times the slide's nuclear split OD, and
+    nothing else."""
     from dataclasses import replace
 
+    from slidecensus.nuclei.stain import estimate_stain_model
     from slidecensus.nuclei.unet import UNetConfig, _build, save_unet
 
     raw = torch.load(default_model_path(), map_location="cpu", weights_only=True)
     net = _build(UNetConfig.from_dict(raw["config"]))
     net.load_state_dict(raw["weights"])
     paths = {}
-    for iod in (0.0, 14.0):
-        cfg = replace(UNetConfig.from_dict(raw["config"]), min_iod_um2=iod)
-        paths[iod] = save_unet(net, cfg, tmp_path / f"m{iod:g}.pt", raw["record"])
+    for v in (0.0, 18.0):
+        cfg = replace(UNetConfig.from_dict(raw["config"]), min_relative_iod_um2=v)
+        paths[v] = save_unet(net, cfg, tmp_path / f"m{v:g}.pt", raw["record"])
     rgb = _marrow_image()[:600, :600]
-    _, all_ = segment_image(rgb, mpp=0.25, segmenter=Segmenter.resolve("unet", paths[0.0]))
-    _, kept = segment_image(rgb, mpp=0.25, segmenter=Segmenter.resolve("unet", paths[14.0]))
+    sm = estimate_stain_model(rgb)
+    assert sm.nuclear_split_od > 0
+    _, all_ = segment_image(rgb, mpp=0.25, stain_model=sm,
+                            segmenter=Segmenter.resolve("unet", paths[0.0]))
+    _, kept = segment_image(rgb, mpp=0.25, stain_model=sm,
+                            segmenter=Segmenter.resolve("unet", paths[18.0]))
     iod = all_["area_um2"] * all_["mean_hematoxylin"]
-    assert (iod < 14).sum() >= 5  # the filter has something to drop here
-    expect = all_[iod >= 14][["x_px", "y_px"]].to_numpy()
+    floor = 18.0 * sm.nuclear_split_od
+    assert (iod < floor).sum() >= 5  # the filter has something to drop here
+    expect = all_[iod >= floor][["x_px", "y_px"]].to_numpy()
     got = kept[["x_px", "y_px"]].to_numpy()
     assert got.shape == expect.shape and np.allclose(got, expect)
 
