@@ -164,15 +164,9 @@ ABLATION = {
 
 def without_iod_filter(path: Path, out: Path) -> Path:
     """A copy of a U-Net file whose own integrated-hematoxylin filter is off."""
-    import torch
+    from slidecensus.nuclei.unet import rewrite_unet_config
 
-    from slidecensus.nuclei.unet import UNetConfig, _build, save_unet
-
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    net = _build(UNetConfig.from_dict(raw["config"]))
-    net.load_state_dict(raw["weights"])
-    cfg = UNetConfig.from_dict({**raw["config"], "min_relative_iod_um2": 0.0})
-    return save_unet(net, cfg, out, raw["record"])
+    return rewrite_unet_config(path, out, min_relative_iod_um2=0.0)
 
 
 def cmd_ablation(args: argparse.Namespace) -> dict:

@@ -250,12 +250,8 @@ def _cmd_segmenter_train(args: argparse.Namespace) -> int:
                                  importance=args.importance, hard=not args.no_hard,
                                  background=args.background, adapt_bn=not args.no_adapt_bn,
                                  seed=args.seed)
-    config = UNetConfig()
-    if args.min_relative_iod is not None:
-        if not args.min_relative_iod >= 0:
-            raise InvalidInputError(f"--min-relative-iod must be >= 0, got "
-                                    f"{args.min_relative_iod}")
-        config = UNetConfig(min_relative_iod_um2=args.min_relative_iod)
+    config = (UNetConfig() if args.min_relative_iod is None
+              else UNetConfig(min_relative_iod_um2=args.min_relative_iod))
     path = train_segmenter(args.images, args.out, training, config=config,
                            command=shlex.join(["slidecensus", *sys.argv[1:]]))
     print(f"U-Net segmenter written: {path}")

@@ -60,6 +60,7 @@ __all__ = [
     "load_unet",
     "predict_maps",
     "receptive_radius_px",
+    "rewrite_unet_config",
     "save_unet",
     "train_unet",
     "unet_device",
@@ -101,6 +102,11 @@ class UNetConfig:
     marker_threshold: float = 0.5
     min_marker_px: int = 3
     min_relative_iod_um2: float = 18.0
+
+    def __post_init__(self) -> None:
+        if not self.min_relative_iod_um2 >= 0:
+            raise InvalidInputError(f"min_relative_iod_um2 must be >= 0, got "
+                                    f"{self.min_relative_iod_um2}")
 
     @property
     def divisor(self) -> int:
@@ -535,6 +541,18 @@ def save_unet(net: Any, config: UNetConfig, path: str | Path, record: dict | Non
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     payload = {"config": config.to_dict(), "weights": state, "record": record or {}}
     return save_weights_file(payload, path, UNET_FORMAT, UNET_FORMAT_VERSION)
+
+
+def rewrite_unet_config(path: str | Path, out: str | Path, **changes: Any) -> Path:
+    """A copy of a U-Net file with some configuration fields changed: the same weights and
+    record (e.g. ``min_relative_iod_um2=0`` for a model without its object filter)."""
+    data = load_weights_file(path, UNET_FORMAT, UNET_FORMAT_VERSION, ("config", "weights"),
+                             "U-Net segmenter")
+    config = UNetConfig.from_dict(dict(data["config"]))
+    net = _build(config)
+    net.load_state_dict(data["weights"])
+    new = UNetConfig.from_dict({**config.to_dict(), **changes})
+    return save_unet(net, new, out, dict(data.get("record") or {}))
 
 
 def file_sha256(path: str | Path) -> str:

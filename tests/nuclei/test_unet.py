@@ -238,18 +238,14 @@ def test_model_iod_filter_drops_pale_small_objects(tmp_path):
     """The model's ``min_relative_iod_um2`` drops exactly the objects whose integrated
     hematoxylin (area x mean OD) is below it times the slide's nuclear split OD, and
     nothing else."""
-    from dataclasses import replace
-
     from slidecensus.nuclei.stain import estimate_stain_model
-    from slidecensus.nuclei.unet import UNetConfig, _build, save_unet
+    from slidecensus.nuclei.unet import UNetConfig, rewrite_unet_config
 
-    raw = torch.load(default_model_path(), map_location="cpu", weights_only=True)
-    net = _build(UNetConfig.from_dict(raw["config"]))
-    net.load_state_dict(raw["weights"])
-    paths = {}
-    for v in (0.0, 18.0):
-        cfg = replace(UNetConfig.from_dict(raw["config"]), min_relative_iod_um2=v)
-        paths[v] = save_unet(net, cfg, tmp_path / f"m{v:g}.pt", raw["record"])
+    paths = {v: rewrite_unet_config(default_model_path(), tmp_path / f"m{v:g}.pt",
+                                    min_relative_iod_um2=v) for v in (0.0, 18.0)}
+    assert load_unet(paths[18.0]).config.min_relative_iod_um2 == 18.0
+    with pytest.raises(InvalidInputError):
+        UNetConfig(min_relative_iod_um2=-1.0)
     rgb = _marrow_image()[:600, :600]
     sm = estimate_stain_model(rgb)
     assert sm.nuclear_split_od > 0
